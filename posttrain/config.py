@@ -1,0 +1,331 @@
+"""Typed, validated config: the composed Hydra tree turned into dataclasses.
+
+Hydra composes `conf/` + `recipes/` into a plain tree; `load_config` checks every key
+against the dataclasses below (unknown keys, wrong types, bad values) and raises
+`ConfigError` with one line that names the key and the allowed values, before any model
+is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message is one line naming the key and what is allowed."""
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --- model -----------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    vocab_size: int = 384
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:tiny"
+    revision: str | None = None
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    chat_template: str | None = None
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def __post_init__(self) -> None:
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        require(self.dtype in dtypes, "model.dtype", f"{self.dtype!r} is not one of {', '.join(dtypes)}")
+        attns = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+        require(
+            self.attn_implementation in attns,
+            "model.attn_implementation",
+            f"{self.attn_implementation!r} is not one of {', '.join(attns)}",
+        )
+        _check_local_path(self.path, "model.path")
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSource:
+    """Where a stage's rows come from: `builtin:sft`, `builtin:preference`, a hub id, a file or folder."""
+
+    path: str = "builtin:sft"
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float = 0.05
+    max_rows: int | None = None
+    max_eval_rows: int | None = None
+
+    def validate(self, key: str) -> None:
+        require(bool(self.path), f"{key}.path", "is empty; give a file, a folder, a hub id or builtin:sft")
+        require(0 <= self.eval_fraction < 1, f"{key}.eval_fraction", f"{self.eval_fraction} is not in [0, 1)")
+        for name in ("max_rows", "max_eval_rows"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"{key}.{name}", f"{value} must be a positive row count or null")
+        if not self.path.startswith("builtin:"):
+            _check_local_path(self.path, f"{key}.path")
+
+
+@dataclass
+class BuiltinTasksConfig:
+    tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "sort", "count"])
+    num_sft: int = 4000
+    num_preference: int = 2000
+    num_test: int = 200
+    max_number: int = 49
+    max_letters: int = 5
+    max_items: int = 6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from posttrain.data.builtin import TASKS
+
+        for task in self.tasks:
+            require(task in TASKS, "data.builtin.tasks", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+        for name in ("num_sft", "num_preference", "num_test"):
+            require(getattr(self, name) > 0, f"data.builtin.{name}", "must be positive")
+
+
+@dataclass
+class DataConfig:
+    builtin: BuiltinTasksConfig = field(default_factory=BuiltinTasksConfig)
+    sft: DataSource = field(default_factory=DataSource)
+    preference: DataSource = field(default_factory=lambda: DataSource(path="builtin:preference"))
+
+
+# --- stages ----------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    # exact-match accuracy of greedy replies on held-out prompts (the built-in task)
+    exact_match: bool = True
+    num_prompts: int = 200
+    max_new_tokens: int = 16
+    batch_size: int = 64
+    # held-out conversations for the response loss
+    num_loss_rows: int = 200
+    # completions written side by side into summary.json
+    num_samples: int = 4
+
+
+@dataclass
+class StageConfig:
+    """Fields every training stage has; a method's own fields live in its stage file."""
+
+    method: str = "none"
+    init_from: str = "previous"
+    data: DataSource = field(default_factory=DataSource)
+    learning_rate: float = 1e-5
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int | None = 1024
+    logging_steps: int = 10
+    group_by_length: bool = False
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        require(self.learning_rate > 0, f"{key}.learning_rate", f"{self.learning_rate} must be > 0")
+        require(self.num_train_epochs > 0, f"{key}.num_train_epochs", f"{self.num_train_epochs} must be > 0")
+        require(self.max_steps == -1 or self.max_steps > 0, f"{key}.max_steps", "must be -1 (use epochs) or > 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            require(getattr(self, name) > 0, f"{key}.{name}", f"{getattr(self, name)} must be > 0")
+        require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (steps, or a ratio below 1)")
+        require(self.max_length is None or self.max_length > 0, f"{key}.max_length", "must be > 0 or null")
+        self.data.validate(f"{key}.data")
+
+
+# --- the rest --------------------------------------------------------------------------
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # null: the model's lora_target_modules
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        require(self.method in ("none", "lora"), "peft.method", f"{self.method!r} is not one of none, lora")
+        require(self.r > 0, "peft.r", f"{self.r} must be > 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: str = "none"
+
+    def __post_init__(self) -> None:
+        require(self.stage == "none", "deepspeed.stage", f"{self.stage!r} is not one of none")
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"
+
+    def __post_init__(self) -> None:
+        require(self.backend == "none", "logger.backend", f"{self.backend!r} is not one of none")
+
+
+@dataclass
+class RunConfig:
+    name: str = "posttrain"
+    output_dir: str = "outputs/posttrain"
+    cache_dir: str = "~/.cache/posttrain"
+    seed: int = 0
+    # the stage chain, in order: names of top-level stage sections
+    stages: list[str] = field(default_factory=lambda: ["sft", "align"])
+    # validate, print the plan and exit without training
+    plan: bool = False
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser().resolve()
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    peft: PeftConfig
+    deepspeed: DeepSpeedConfig
+    logger: LoggerConfig
+    # stage name -> its config, in chain order; stages whose method is `none` are left out
+    stages: dict[str, StageConfig]
+
+
+# --- building dataclasses from the composed tree ---------------------------------------
+
+
+def _check_local_path(path: str, key: str) -> None:
+    """A path that is clearly local (absolute, ./, ~) must exist; anything else may be a hub id."""
+    local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+    if local and not Path(path).expanduser().exists():
+        raise ConfigError(f"{key}: {path!r} does not exist (a local path); give an existing path or a hub id")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        require(isinstance(value, dict), key, f"expected a section with fields, got {value!r}")
+        return build(tp, value, key)
+    if origin is list:
+        require(isinstance(value, list), key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    require(ok, key, f"expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: dict, key: str = "") -> Any:
+    """`cls(**data)` with every field checked; unknown keys name the allowed ones."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{key}." if key else ""
+    for name in data:
+        if name not in fields:
+            raise ConfigError(f"{prefix}{name}: unknown key; allowed: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(tree: dict) -> Config:
+    """Validate a composed config tree (plain dict, interpolations resolved) into a `Config`."""
+    from posttrain.stages import STAGES
+
+    tree = dict(tree)
+    tree.pop("hydra", None)
+    sections = {
+        "run": RunConfig,
+        "model": ModelConfig,
+        "data": DataConfig,
+        "peft": PeftConfig,
+        "deepspeed": DeepSpeedConfig,
+        "logger": LoggerConfig,
+    }
+    built = {name: build(cls, tree.pop(name, {}) or {}, name) for name, cls in sections.items()}
+    run: RunConfig = built["run"]
+    stages: dict[str, StageConfig] = {}
+    allowed_methods = ", ".join(["none", *STAGES])
+    for name in run.stages:
+        require(name in tree, "run.stages", f"{name!r} has no config section; sections: {', '.join(tree) or 'none'}")
+        section = dict(tree.pop(name) or {})
+        method = section.get("method", "none")
+        if method == "none":
+            continue
+        require(method in STAGES, f"{name}.method", f"unknown method {method!r}; allowed: {allowed_methods}")
+        stage = build(STAGES[method].config_cls, section, name)
+        stage.validate(name)
+        allowed = ["base", "previous", *stages]
+        require(
+            stage.init_from in allowed,
+            f"{name}.init_from",
+            f"{stage.init_from!r} is not a stage that runs before {name!r}; allowed: {', '.join(allowed)}",
+        )
+        stages[name] = stage
+    for name, section in tree.items():
+        is_stage = isinstance(section, dict) and "method" in section
+        require(is_stage, name, f"unknown key; allowed: {', '.join([*sections, *run.stages])}")
+        require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
+    require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
+    return Config(stages=stages, **built)

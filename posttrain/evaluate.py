@@ -1,0 +1,93 @@
+"""Metrics computed the same way for every stage (and for the base model).
+
+- `exact_match`: greedy replies to held-out prompts compared with the reference reply
+  (whitespace-stripped). On the built-in tasks that is the task's exact accuracy.
+- `response_loss`: mean negative log-likelihood per assistant token of held-out
+  conversations; lower means the model predicts the reference replies better.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from posttrain.config import EvalConfig
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def exact_match(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvalConfig
+) -> tuple[float, list[dict[str, Any]]]:
+    """Accuracy of greedy replies on `rows` (`messages` ending in the reference reply), and every reply."""
+    import torch
+
+    conversations = rows["messages"][: cfg.num_prompts]
+    records: list[dict[str, Any]] = []
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for batch in _batches(conversations, cfg.batch_size):
+            texts = [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=cfg.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for conv, reply in zip(batch, replies):
+                reference = conv[-1]["content"].strip()
+                records.append(
+                    {
+                        "prompt": conv[-2]["content"],
+                        "reference": reference,
+                        "reply": reply.strip(),
+                        "correct": reply.strip() == reference,
+                    }
+                )
+    finally:
+        tokenizer.padding_side = padding_side
+    accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
+    return accuracy, records
+
+
+def response_loss(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvalConfig
+) -> float:
+    """Mean NLL per assistant token over held-out conversations (needs the template's generation marks)."""
+    import torch
+
+    conversations = rows["messages"][: cfg.num_loss_rows]
+    total, count = 0.0, 0
+    model.eval()
+    for batch in _batches(conversations, cfg.batch_size):
+        enc = tokenizer.apply_chat_template(
+            batch,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        input_ids = enc["input_ids"].to(model.device)
+        labels = input_ids.masked_fill(enc["assistant_masks"].to(model.device) == 0, -100)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=enc["attention_mask"].to(model.device)).logits
+        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += int((shift_labels != -100).sum())
+    return total / max(count, 1)

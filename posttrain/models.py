@@ -1,0 +1,153 @@
+"""Model registry: build or find a base model, then load model + tokenizer + chat template.
+
+`model.path: builtin:tiny` builds a small Llama-architecture model and a byte-level BPE
+tokenizer on the spot (no download), saves both to the cache folder, and from then on
+loads them with `from_pretrained`, the same path a user's hub id or local folder takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from posttrain import chat_templates
+from posttrain.data.builtin import TaskSpec, sample_text
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from posttrain.config import ModelConfig
+
+TINY = "builtin:tiny"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+# --- the built-in tiny model ----------------------------------------------------------
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits one by one, so numbers are spelled in a way a tiny model can add.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sample_text(TaskSpec()), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        chat_template=chat_templates.CHATML,
+    )
+
+
+def build_tiny(cfg: ModelConfig, folder: Path) -> None:
+    """Build the tiny Llama and its tokenizer into `folder` (atomically, via a temporary sibling)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = cfg.tiny
+    tokenizer = _train_tokenizer(tiny.vocab_size)
+    torch.manual_seed(tiny.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # built by another process meanwhile: same seed, same weights
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def base_model_source(cfg: ModelConfig, cache_dir: Path) -> str:
+    """What `from_pretrained` should load: a hub id, a local folder, or the built tiny model's folder."""
+    if cfg.path != TINY:
+        return cfg.path
+    key = hashlib.sha256(json.dumps(cfg.tiny.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir / "models" / f"tiny-{key}"
+    if not (folder / "config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny(cfg, folder)
+    return str(folder)
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def _revision(source: str, cfg: ModelConfig) -> str | None:
+    """The configured hub revision applies to the base model only, not to a stage's artifact."""
+    return cfg.revision if source == cfg.path else None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a GPU that has bf16 units, fp32 elsewhere (bf16 autocast on CPU is ~4x slower)."""
+    import torch
+
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=_revision(source, cfg))
+    template = chat_templates.resolve(cfg.chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"model.chat_template: tokenizer of {source!r} has no chat template; "
+            f"set one of {', '.join(chat_templates.CHAT_TEMPLATES)} or a Jinja string"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def marks_assistant_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True if the chat template can produce an assistant-token mask (it has a generation block)."""
+    return "{% generation %}" in (tokenizer.chat_template or "").replace("{%-", "{%").replace("-%}", "%}")
+
+
+def load_model(source: str, cfg: ModelConfig) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        revision=_revision(source, cfg),
+        dtype=torch_dtype(cfg.dtype),
+        attn_implementation=cfg.attn_implementation,
+    )

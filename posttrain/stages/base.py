@@ -1,0 +1,140 @@
+"""The stage contract and the training step every method shares.
+
+A method is one file in this folder that defines its config dataclass (fields beyond
+`StageConfig`) and a `make_trainer` function, bundled in a `StageSpec`, plus one line in
+`posttrain/stages/__init__.py`. TRL's imports stay inside `make_trainer`, so a TRL move
+touches one file and `posttrain --help` never imports TRL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from posttrain.config import Config, StageConfig
+
+
+@dataclass
+class TrainerInputs:
+    """What a method's `make_trainer` gets."""
+
+    cfg: StageConfig
+    model: PreTrainedModel
+    ref_model: PreTrainedModel | None
+    tokenizer: PreTrainedTokenizerBase
+    train_dataset: Dataset
+    eval_dataset: Dataset | None
+    # transformers.TrainingArguments fields shared by every method (precision, batch, schedule...)
+    args: dict[str, Any]
+    peft_config: Any
+    callbacks: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A method as the pipeline sees it."""
+
+    config_cls: type
+    # which rows the method trains on
+    data_kind: Literal["sft", "preference"]
+    # True: a frozen reference model (the parent artifact) is loaded beside the policy
+    uses_reference: bool
+    make_trainer: Callable[[TrainerInputs], Trainer]
+    # trainer.evaluate() keys shown in the summary, as (key, column name)
+    summary_metrics: tuple[tuple[str, str], ...] = ()
+
+
+# --- shared training arguments ---------------------------------------------------------
+
+
+def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[str, Any]:
+    """transformers/TRL training arguments from a stage config, with precision set from the device."""
+    import torch
+
+    from posttrain.models import torch_dtype
+
+    dtype = torch_dtype(run_cfg.model.dtype)
+    args: dict[str, Any] = dict(
+        output_dir=str(stage_dir / "checkpoints"),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps,
+        seed=run_cfg.run.seed,
+        data_seed=run_cfg.run.seed,
+        # TRL defaults to bf16 and activation checkpointing: wrong for CPU and for tiny models.
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    if cfg.group_by_length:
+        args["train_sampling_strategy"] = "group_by_length"
+    args.update(cfg.trainer_args)
+    return args
+
+
+def check_trainer_args(config_cls: type, args: dict[str, Any], key: str) -> None:
+    """Raise ConfigError for a `trainer_args` key the TRL config class does not have."""
+    import dataclasses
+
+    from posttrain.config import ConfigError
+
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    for name in args:
+        if name not in known:
+            raise ConfigError(f"{key}.trainer_args.{name}: not a field of TRL's {config_cls.__name__}")
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def metrics_logger(path: Path) -> Any:
+    """A TrainerCallback appending every log record (loss, lr, rewards...) to `path` as JSON lines."""
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+                with path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+    return MetricsLogger()
+
+
+def lora_config(run_cfg: Config) -> Any:
+    """A fresh peft.LoraConfig for one trainer, or None when `peft=none`."""
+    if run_cfg.peft.method == "none":
+        return None
+    from peft import LoraConfig
+
+    p = run_cfg.peft
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=p.target_modules or run_cfg.model.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )

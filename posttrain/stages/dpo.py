@@ -1,0 +1,67 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), TRL DPOTrainer.
+
+The reference model is the parent stage's output. `loss_type: [sigmoid, sft]` adds the
+negative log-likelihood of the chosen reply to the DPO loss (RPO, Pang et al. 2024),
+which keeps the policy from drifting away from correct answers while it pushes the
+rejected ones down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.config import StageConfig, require
+from posttrain.stages.base import StageSpec, TrainerInputs, check_trainer_args
+
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
+@dataclass
+class DPOStageConfig(StageConfig):
+    # inverse temperature of the implicit reward; higher keeps the policy closer to the reference
+    beta: float = 0.1
+    # TRL loss types, summed with loss_weights
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        require(self.beta > 0, f"{key}.beta", f"{self.beta} must be > 0")
+        for name in self.loss_type:
+            require(name in LOSS_TYPES, f"{key}.loss_type", f"unknown {name!r}; allowed: {', '.join(LOSS_TYPES)}")
+        if self.loss_weights is not None:
+            require(
+                len(self.loss_weights) == len(self.loss_type),
+                f"{key}.loss_weights",
+                f"has {len(self.loss_weights)} weights for {len(self.loss_type)} loss types",
+            )
+
+
+def make_trainer(inputs: TrainerInputs):
+    from trl import DPOConfig, DPOTrainer
+
+    cfg: DPOStageConfig = inputs.cfg
+    check_trainer_args(DPOConfig, inputs.args, "dpo")
+    args = DPOConfig(**inputs.args, beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights)
+    return DPOTrainer(
+        model=inputs.model,
+        ref_model=inputs.ref_model,
+        args=args,
+        train_dataset=inputs.train_dataset,
+        eval_dataset=inputs.eval_dataset,
+        processing_class=inputs.tokenizer,
+        peft_config=inputs.peft_config,
+        callbacks=inputs.callbacks,
+    )
+
+
+STAGE = StageSpec(
+    config_cls=DPOStageConfig,
+    data_kind="preference",
+    uses_reference=True,
+    make_trainer=make_trainer,
+    summary_metrics=(("eval_rewards/accuracies", "reward_acc"), ("eval_rewards/margins", "reward_margin")),
+)

@@ -1,0 +1,46 @@
+"""Odds Ratio Preference Optimization (Hong et al. 2024): SFT loss plus an odds-ratio
+penalty on the rejected reply, no reference model. TRL keeps it in `trl.experimental.orpo`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.config import StageConfig, require
+from posttrain.stages.base import StageSpec, TrainerInputs, check_trainer_args
+
+
+@dataclass
+class ORPOStageConfig(StageConfig):
+    # lambda in the paper: weight of the odds-ratio term against the SFT loss
+    beta: float = 0.1
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        require(self.beta > 0, f"{key}.beta", f"{self.beta} must be > 0")
+
+
+def make_trainer(inputs: TrainerInputs):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    cfg: ORPOStageConfig = inputs.cfg
+    check_trainer_args(ORPOConfig, inputs.args, "orpo")
+    args = ORPOConfig(**inputs.args, beta=cfg.beta)
+    return ORPOTrainer(
+        model=inputs.model,
+        args=args,
+        train_dataset=inputs.train_dataset,
+        eval_dataset=inputs.eval_dataset,
+        processing_class=inputs.tokenizer,
+        peft_config=inputs.peft_config,
+        callbacks=inputs.callbacks,
+    )
+
+
+STAGE = StageSpec(
+    config_cls=ORPOStageConfig,
+    data_kind="preference",
+    uses_reference=False,
+    make_trainer=make_trainer,
+    summary_metrics=(("eval_rewards/accuracies", "reward_acc"), ("eval_rewards/margins", "reward_margin")),
+)

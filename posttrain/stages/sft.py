@@ -1,0 +1,46 @@
+"""Supervised fine-tuning on conversations, loss on assistant tokens only (TRL SFTTrainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.config import StageConfig, require
+from posttrain.stages.base import StageSpec, TrainerInputs, check_trainer_args
+
+
+@dataclass
+class SFTStageConfig(StageConfig):
+    # loss on assistant replies only (needs a chat template with a generation block)
+    assistant_only_loss: bool = True
+    # pack several conversations into one row (BFD; attention stays within each conversation)
+    packing: bool = False
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        require(not (self.packing and self.max_length is None), f"{key}.packing", "needs max_length set")
+
+
+def make_trainer(inputs: TrainerInputs):
+    from trl import SFTConfig, SFTTrainer
+
+    cfg: SFTStageConfig = inputs.cfg
+    check_trainer_args(SFTConfig, inputs.args, "sft")
+    args = SFTConfig(**inputs.args, assistant_only_loss=cfg.assistant_only_loss, packing=cfg.packing)
+    return SFTTrainer(
+        model=inputs.model,
+        args=args,
+        train_dataset=inputs.train_dataset,
+        eval_dataset=inputs.eval_dataset,
+        processing_class=inputs.tokenizer,
+        peft_config=inputs.peft_config,
+        callbacks=inputs.callbacks,
+    )
+
+
+STAGE = StageSpec(
+    config_cls=SFTStageConfig,
+    data_kind="sft",
+    uses_reference=False,
+    make_trainer=make_trainer,
+    summary_metrics=(("eval_loss", "eval_loss"),),
+)

@@ -1,0 +1,40 @@
+"""The end-of-run table: one row per stage (base model first), the metrics side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.config import Config
+from posttrain.stages import STAGES
+
+COLUMNS = (("exact_match", "exact_match"), ("response_loss", "response_loss"), ("train_loss", "train_loss"))
+
+
+def _columns(cfg: Config) -> list[tuple[str, str]]:
+    columns = list(COLUMNS)
+    for stage in cfg.stages.values():
+        for item in STAGES[stage.method].summary_metrics:
+            if item not in columns:
+                columns.append(item)
+    return columns
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def format_table(cfg: Config, results: dict[str, dict]) -> str:
+    columns = _columns(cfg)
+    header = ["stage", "method", *(title for _, title in columns)]
+    rows = [
+        [name, r["method"], *(_cell(r["metrics"].get(key)) for key, _ in columns)] for name, r in results.items()
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
