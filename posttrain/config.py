@@ -150,6 +150,7 @@ class StageConfig:
     max_length: int | None = 1024
     logging_steps: int = 10
     group_by_length: bool = False
+    activation_checkpointing: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer_args: dict[str, Any] = field(default_factory=dict)
 

@@ -62,9 +62,7 @@ def exact_match(
     return accuracy, records
 
 
-def response_loss(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvalConfig
-) -> float:
+def response_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvalConfig) -> float:
     """Mean NLL per assistant token over held-out conversations (needs the template's generation marks)."""
     import torch
 

@@ -78,10 +78,10 @@ def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[st
         logging_steps=cfg.logging_steps,
         seed=run_cfg.run.seed,
         data_seed=run_cfg.run.seed,
-        # TRL defaults to bf16 and activation checkpointing: wrong for CPU and for tiny models.
+        # TRL defaults to bf16 and activation checkpointing: wrong for CPU and for small models.
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        gradient_checkpointing=False,
+        activation_checkpointing=cfg.activation_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         save_strategy="no",

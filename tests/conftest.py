@@ -1,0 +1,55 @@
+"""Shared fixtures: a per-session cache (tiny model, generated data) and Hydra composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from posttrain.cli import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Never reach a hub or a tracker from the tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the whole session, so the tiny model and the data are built once."""
+    return tmp_path_factory.mktemp("posttrain-cache")
+
+
+def compose_tree(overrides: list[str]) -> dict:
+    """The config tree `posttrain <overrides>` would run, resolved to plain Python."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="test"):
+        tree = compose("config", overrides=overrides, return_hydra_config=True)
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(tree)
+        with open_dict(tree):
+            del tree["hydra"]
+        return OmegaConf.to_container(tree, resolve=True)
+
+
+# A few-step SFT -> alignment on the tiny model: small enough for the default test run.
+FAST = [
+    "data.builtin.num_sft=256",
+    "data.builtin.num_preference=128",
+    "data.builtin.num_test=32",
+    "sft.max_steps=12",
+    "sft.per_device_train_batch_size=16",
+    "sft.learning_rate=3e-3",
+    "sft.logging_steps=2",
+    "sft.eval.num_prompts=16",
+    "align.max_steps=6",
+    "align.per_device_train_batch_size=16",
+    "align.learning_rate=3e-4",
+    "align.logging_steps=1",
+    "align.eval.num_prompts=16",
+]
