@@ -46,7 +46,7 @@ def exact_match(
                     eos_token_id=tokenizer.eos_token_id,
                 )
             replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for conv, reply in zip(batch, replies):
+            for conv, reply in zip(batch, replies, strict=True):
                 reference = conv[-1]["content"].strip()
                 records.append(
                     {

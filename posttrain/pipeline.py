@@ -114,7 +114,7 @@ def train_stage(
         )
     )
     result = trainer.train()
-    metrics: dict[str, float] = {"train_loss": result.training_loss, "train_steps": result.global_step}
+    metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
     if data.eval is not None:
         metrics.update(trainer.evaluate())
     trained = trainer.model

@@ -7,7 +7,12 @@ from typing import Any
 from posttrain.config import Config
 from posttrain.stages import STAGES
 
-COLUMNS = (("exact_match", "exact_match"), ("response_loss", "response_loss"), ("train_loss", "train_loss"))
+COLUMNS = (
+    ("exact_match", "exact_match"),
+    ("response_loss", "response_loss"),
+    ("train_loss", "train_loss"),
+    ("train_runtime", "train_s"),
+)
 
 
 def _columns(cfg: Config) -> list[tuple[str, str]]:
@@ -22,7 +27,9 @@ def _columns(cfg: Config) -> list[tuple[str, str]]:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
 
 
 def format_table(cfg: Config, results: dict[str, dict]) -> str:
@@ -32,7 +39,7 @@ def format_table(cfg: Config, results: dict[str, dict]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])

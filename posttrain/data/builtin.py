@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+# Bump when the generator's output changes, so cached files are made anew.
+GENERATOR_VERSION = 2
 LETTERS = string.ascii_lowercase
 ITEMS = ["apple", "pear", "plum", "fig", "lime", "kiwi", "date", "melon"]
 
@@ -54,17 +56,25 @@ def _swap_two(rng: random.Random, seq: list[str]) -> list[str]:
     return out
 
 
+def _shift_one(rng: random.Random, seq: list[str]) -> list[str]:
+    """A copy of `seq` with one letter replaced by its neighbour in the alphabet (z wraps to a)."""
+    out = list(seq)
+    i = rng.randrange(len(out))
+    out[i] = LETTERS[(LETTERS.index(out[i]) + rng.choice([-1, 1])) % len(LETTERS)]
+    return out
+
+
 def _reverse(rng: random.Random, max_letters: int) -> Problem:
     word = _letters(rng, max_letters)
     answer = word[::-1]
-    wrong = rng.choice([word, _swap_two(rng, answer)])
+    wrong = rng.choice([word, _swap_two(rng, answer), _shift_one(rng, answer)])
     return Problem("reverse", f"Reverse the letters: {' '.join(word)}", " ".join(answer), " ".join(wrong))
 
 
 def _sort(rng: random.Random, max_letters: int) -> Problem:
     word = _letters(rng, max_letters)
     answer = sorted(word)
-    wrong = _swap_two(rng, answer)
+    wrong = rng.choice([_swap_two(rng, answer), _shift_one(rng, answer)])
     return Problem("sort", f"Sort the letters: {' '.join(word)}", " ".join(answer), " ".join(wrong))
 
 
@@ -97,7 +107,8 @@ class TaskSpec:
     seed: int = 0
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:12]
+        fields = {**self.__dict__, "generator": GENERATOR_VERSION}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
 def _size(spec: TaskSpec, task: str) -> int:

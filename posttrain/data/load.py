@@ -42,6 +42,8 @@ def _load_split(path: str, src: DataSource, split: str) -> Dataset:
         if builder is None:
             raise DataError(f"{path}: unsupported file type {local.suffix!r}; allowed: {', '.join(FILE_BUILDERS)}")
         return load_dataset(builder, data_files=str(local), split="train")
+    if local.is_dir() and (files := _split_files(local, split)):
+        return load_dataset(FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
     try:
         return load_dataset(str(local) if local.is_dir() else path, name=src.name, split=split, revision=src.revision)
     except ValueError as e:
@@ -50,6 +52,14 @@ def _load_split(path: str, src: DataSource, split: str) -> Dataset:
         raise DataError(f"{path}: could not load ({str(e).splitlines()[0]})") from None
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise DataError(f"{path}: could not load ({str(e).splitlines()[0]})") from None
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """Files named after a split (`test_sft.jsonl`, `data/train_sft-00000-of-00003.parquet`), one type."""
+    found = sorted(
+        f for f in [*folder.glob(f"{split}[.-]*"), *folder.glob(f"data/{split}[.-]*")] if f.suffix in FILE_BUILDERS
+    )
+    return [f for f in found if FILE_BUILDERS[f.suffix] == FILE_BUILDERS[found[0].suffix]]
 
 
 def load_stage_data(src: DataSource, kind: str, builtin_folder: Path, seed: int) -> StageData:

@@ -42,5 +42,4 @@ STAGE = StageSpec(
     data_kind="sft",
     uses_reference=False,
     make_trainer=make_trainer,
-    summary_metrics=(("eval_loss", "eval_loss"),),
 )

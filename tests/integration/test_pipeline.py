@@ -1,0 +1,123 @@
+"""SFT -> DPO and SFT -> ORPO on the tiny model through the real `posttrain` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import FAST
+
+
+def posttrain(*args: str, cache_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "POSTTRAIN_CACHE": str(cache_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.fixture(scope="module", params=["dpo", "orpo"])
+def finished_run(request, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
+    proc = posttrain(f"align={request.param}", f"run.output_dir={out}", *FAST, cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return request.param, out, proc
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_every_stage_writes_a_complete_artifact(finished_run):
+    method, out, _ = finished_run
+    assert (out / "resolved.yaml").exists()
+    sft, align = _manifest(out / "sft"), _manifest(out / "align")
+    assert sft["status"] == align["status"] == "complete"
+    assert (sft["method"], align["method"]) == ("sft", method)
+    assert sft["parent"]["name"] == "base"
+    assert align["parent"] == {"name": "sft", "source": str(out / "sft")}
+    assert align["versions"]["trl"] and align["data"]["train_rows"] == 128
+    for folder in (out / "sft", out / "align"):
+        assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+        assert (folder / "metrics.jsonl").exists()
+
+
+def test_each_stage_changes_the_weights(finished_run):
+    _, out, _ = finished_run
+    base = _manifest(out / "sft")["parent"]["source"]
+    w_base, w_sft, w_align = _weights(Path(base)), _weights(out / "sft"), _weights(out / "align")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(w_base[name], w_sft[name])
+    assert not torch.equal(w_sft[name], w_align[name])
+
+
+def _losses(folder):
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_training_loss_falls(finished_run):
+    _, out, _ = finished_run
+    for stage in ("sft", "align"):
+        losses = _losses(out / stage)
+        assert len(losses) >= 3, stage
+        assert losses[-1] < losses[0], (stage, losses)
+
+
+def test_summary_has_metrics_of_every_stage(finished_run):
+    method, out, proc = finished_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == ["base", "sft", "align"]
+    for stage in ("base", "sft", "align"):
+        metrics = summary["stages"][stage]["metrics"]
+        assert 0.0 <= metrics["exact_match"] <= 1.0 and metrics["response_loss"] > 0
+    align = summary["stages"]["align"]["metrics"]
+    assert 0.0 <= align["eval_rewards/accuracies"] <= 1.0
+    assert summary["stages"]["sft"]["metrics"]["response_loss"] < summary["stages"]["base"]["metrics"]["response_loss"]
+    assert "| stage" in proc.stdout and "reward_acc" in proc.stdout
+    assert len(summary["samples"]) == 4 and set(summary["samples"][0]) >= {"prompt", "base", "sft", "align"}
+
+
+def test_final_model_loads_and_generates(finished_run):
+    _, out, _ = finished_run
+    model = AutoModelForCausalLM.from_pretrained(out / "align")
+    tok = AutoTokenizer.from_pretrained(out / "align")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True)
+    out_ids = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)
+    assert out_ids.shape[1] > len(prompt)
+    assert tok.chat_template and "{% generation %}" in tok.chat_template
+
+
+def test_rerun_into_a_finished_folder_is_refused(finished_run, cache_dir):
+    method, out, _ = finished_run
+    before = (out / "sft" / "manifest.json").read_text()
+    proc = posttrain(f"align={method}", f"run.output_dir={out}", *FAST, cache_dir=cache_dir)
+    assert proc.returncode != 0
+    assert "already holds a complete stage 'sft'; choose a new run.output_dir" in proc.stderr
+    assert (out / "sft" / "manifest.json").read_text() == before
+
+
+def test_lora_adapters_are_merged_into_plain_models(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = posttrain("peft=lora", "peft.r=8", f"run.output_dir={out}", *FAST, cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = Path(_manifest(out / "sft")["parent"]["source"])
+    for stage in ("sft", "align"):
+        assert _manifest(out / stage)["status"] == "complete"
+        assert not (out / stage / "adapter_config.json").exists()
+        weights = _weights(out / stage)
+        assert not any("lora" in name for name in weights)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(weights[name], _weights(parent)[name]), stage
+        parent = out / stage

@@ -1,0 +1,48 @@
+"""The command line: help, composed config, plan, and one-line errors (no training here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def posttrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_groups_and_recipes():
+    proc = posttrain("--help")
+    assert proc.returncode == 0
+    assert "align: dpo, none, orpo" in proc.stdout
+    assert "recipe: qwen2_5_0_5b_sft_orpo, tiny_sft_dpo, tiny_sft_orpo, zephyr_sft_dpo" in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    proc = posttrain("--cfg", "job", "align=orpo", "align.beta=0.2")
+    assert proc.returncode == 0
+    assert "method: orpo" in proc.stdout and "beta: 0.2" in proc.stdout
+
+
+def test_plan_prints_the_chain_and_trains_nothing(tmp_path):
+    proc = posttrain("plan=true", f"run.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "sft: sft from base" in proc.stdout and "align: dpo from sft" in proc.stdout
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_bad_value_is_one_line_on_stderr():
+    proc = posttrain("plan=true", "align.method=ppo")
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "error: align.method: unknown method 'ppo'; allowed: none, sft, dpo, orpo"
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; sys.argv = ['posttrain', '--help']\n"
+        "from posttrain.cli import main\n"
+        "try: main()\n"
+        "except SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().endswith("False")

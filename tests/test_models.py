@@ -1,0 +1,60 @@
+"""The tiny model and tokenizer: built locally, loaded back through from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain import models
+from posttrain.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    cfg = ModelConfig()
+    return cfg, models.base_model_source(cfg, cache_dir)
+
+
+def test_tiny_model_round_trips_through_from_pretrained(tiny):
+    cfg, source = tiny
+    model = models.load_model(source, cfg)
+    again = AutoModelForCausalLM.from_pretrained(source)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert 0.3e6 < model.num_parameters() < 20e6
+    ids = torch.tensor([[1, 5, 9, 20]])
+    assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_tiny_model_is_built_once(tiny, cache_dir):
+    cfg, source = tiny
+    assert models.base_model_source(cfg, cache_dir) == source
+
+
+def test_tokenizer_marks_exactly_the_assistant_reply(tiny):
+    cfg, source = tiny
+    tok = models.load_tokenizer(source, cfg)
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
+    assert tok.decode(marked) == "5<|im_end|>"
+
+
+def test_digits_are_single_tokens(tiny):
+    cfg, source = tiny
+    tok = models.load_tokenizer(source, cfg)
+    assert len(tok("1234", add_special_tokens=False)["input_ids"]) == 4
+
+
+def test_named_chat_template_replaces_missing_one(tiny):
+    cfg, source = tiny
+    tok = models.load_tokenizer(source, ModelConfig(chat_template="zephyr"))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|user|>\nhi<|im_end|>\n<|assistant|>\n"
+    assert models.marks_assistant_tokens(tok)
+
+
+def test_dtype_auto_is_fp32_on_cpu():
+    if not torch.cuda.is_available():
+        assert models.torch_dtype("auto") == torch.float32
