@@ -93,9 +93,10 @@ def test_final_model_loads_and_generates(finished_run):
     _, out, _ = finished_run
     model = AutoModelForCausalLM.from_pretrained(out / "align")
     tok = AutoTokenizer.from_pretrained(out / "align")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True)
-    out_ids = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)
-    assert out_ids.shape[1] > len(prompt)
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out_ids = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out_ids.shape[1] > enc["input_ids"].shape[1]
     assert tok.chat_template and "{% generation %}" in tok.chat_template
 
 
