@@ -68,6 +68,14 @@ def run(tree: DictConfig) -> dict | None:
         if type(e).__module__.startswith("omegaconf"):
             sys.exit(f"error: {str(e).splitlines()[0]}")
         raise
+    from posttrain.stages import STAGES
+    from posttrain.stages.base import check_trainer_args
+
+    try:
+        for name, stage in cfg.stages.items():
+            check_trainer_args(STAGES[stage.method], stage, name)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     print(plan_text(cfg), flush=True)
     if cfg.run.plan:
         return None

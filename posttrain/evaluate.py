@@ -29,12 +29,14 @@ def exact_match(
     import torch
 
     conversations = rows["messages"][: cfg.num_prompts]
+    tasks = rows["task"][: cfg.num_prompts] if "task" in rows.column_names else [None] * len(conversations)
     records: list[dict[str, Any]] = []
     model.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for batch in _batches(conversations, cfg.batch_size):
+        for start in range(0, len(conversations), cfg.batch_size):
+            batch = conversations[start : start + cfg.batch_size]
             texts = [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
@@ -46,10 +48,11 @@ def exact_match(
                     eos_token_id=tokenizer.eos_token_id,
                 )
             replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for conv, reply in zip(batch, replies, strict=True):
+            for conv, reply, task in zip(batch, replies, tasks[start:], strict=False):
                 reference = conv[-1]["content"].strip()
                 records.append(
                     {
+                        "task": task,
                         "prompt": conv[-2]["content"],
                         "reference": reference,
                         "reply": reply.strip(),
@@ -58,8 +61,17 @@ def exact_match(
                 )
     finally:
         tokenizer.padding_side = padding_side
-    accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
-    return accuracy, records
+    return _accuracy(records), records
+
+
+def _accuracy(records: list[dict[str, Any]]) -> float:
+    return sum(r["correct"] for r in records) / max(len(records), 1)
+
+
+def accuracy_by_task(records: list[dict[str, Any]]) -> dict[str, float]:
+    """`exact_match/<task>` for rows that name their task (the built-in data does)."""
+    tasks = sorted({r["task"] for r in records if r["task"] is not None})
+    return {f"exact_match/{t}": _accuracy([r for r in records if r["task"] == t]) for t in tasks}
 
 
 def response_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvalConfig) -> float:

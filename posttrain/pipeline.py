@@ -20,7 +20,7 @@ from posttrain.config import Config, ConfigError, StageConfig
 from posttrain.data.builtin import TaskSpec, write_tasks
 from posttrain.data.load import StageData, load_stage_data
 from posttrain.stages import STAGES
-from posttrain.stages.base import TrainerInputs, lora_config, metrics_logger, training_args
+from posttrain.stages.base import TrainerInputs, check_trainer_args, lora_config, metrics_logger, training_args
 from posttrain.summary import format_table
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def evaluate_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset | None, stage: StageConfig | None
 ) -> tuple[dict[str, float], list[dict]]:
     from posttrain.config import EvalConfig
-    from posttrain.evaluate import exact_match, response_loss
+    from posttrain.evaluate import accuracy_by_task, exact_match, response_loss
 
     eval_cfg = stage.eval if stage is not None else EvalConfig()
     if rows is None:
@@ -84,6 +84,7 @@ def evaluate_model(
         metrics["response_loss"] = response_loss(model, tokenizer, rows, eval_cfg)
     if eval_cfg.exact_match:
         metrics["exact_match"], replies = exact_match(model, tokenizer, rows, eval_cfg)
+        metrics.update(accuracy_by_task(replies))
     return metrics, replies
 
 
@@ -179,6 +180,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     from transformers import set_seed
 
     check_output_dir(cfg)
+    for name, stage in cfg.stages.items():
+        check_trainer_args(STAGES[stage.method], stage, name)
     out = cfg.run.output_path
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.run.seed)

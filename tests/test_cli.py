@@ -46,3 +46,9 @@ def test_help_does_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip().endswith("False")
+
+
+def test_unknown_trainer_arg_is_caught_at_plan_time():
+    proc = posttrain("plan=true", "+sft.trainer_args.warmup_ratoi=0.1")
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "error: sft.trainer_args.warmup_ratoi: not a field of TRL's SFTConfig"

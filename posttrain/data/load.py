@@ -112,7 +112,8 @@ def to_sft(ds: Dataset, origin: str) -> Dataset:
             _check_messages(row, where, "messages")
             if not any(m["role"] == "assistant" for m in row):
                 raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
-        return ds.select_columns(["messages"])
+        # `task` (built-in data) lets evaluation report accuracy per task
+        return ds.select_columns(["messages", *(["task"] if "task" in columns else [])])
     if {"prompt", "completion"} <= columns:
         return ds.select_columns(["prompt", "completion"])
     raise DataError(

@@ -48,6 +48,8 @@ class StageSpec:
     # True: a frozen reference model (the parent artifact) is loaded beside the policy
     uses_reference: bool
     make_trainer: Callable[[TrainerInputs], Trainer]
+    # TRL's config class for the method, imported on call (its fields bound `trainer_args`)
+    trl_config: Callable[[], type]
     # trainer.evaluate() keys shown in the summary, as (key, column name)
     summary_metrics: tuple[tuple[str, str], ...] = ()
 
@@ -95,14 +97,17 @@ def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[st
     return args
 
 
-def check_trainer_args(config_cls: type, args: dict[str, Any], key: str) -> None:
-    """Raise ConfigError for a `trainer_args` key the TRL config class does not have."""
+def check_trainer_args(spec: StageSpec, cfg: StageConfig, key: str) -> None:
+    """Raise ConfigError for a `trainer_args` key that TRL's config class for the method lacks."""
     import dataclasses
 
     from posttrain.config import ConfigError
 
+    if not cfg.trainer_args:
+        return
+    config_cls = spec.trl_config()
     known = {f.name for f in dataclasses.fields(config_cls)}
-    for name in args:
+    for name in cfg.trainer_args:
         if name not in known:
             raise ConfigError(f"{key}.trainer_args.{name}: not a field of TRL's {config_cls.__name__}")
 

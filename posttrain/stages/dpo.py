@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import StageConfig, require
-from posttrain.stages.base import StageSpec, TrainerInputs, check_trainer_args
+from posttrain.stages.base import StageSpec, TrainerInputs
 
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -40,11 +40,16 @@ class DPOStageConfig(StageConfig):
             )
 
 
+def trl_config() -> type:
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
 def make_trainer(inputs: TrainerInputs):
     from trl import DPOConfig, DPOTrainer
 
     cfg: DPOStageConfig = inputs.cfg
-    check_trainer_args(DPOConfig, inputs.args, "dpo")
     args = DPOConfig(**inputs.args, beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights)
     return DPOTrainer(
         model=inputs.model,
@@ -63,5 +68,6 @@ STAGE = StageSpec(
     data_kind="preference",
     uses_reference=True,
     make_trainer=make_trainer,
+    trl_config=trl_config,
     summary_metrics=(("eval_rewards/accuracies", "reward_acc"), ("eval_rewards/margins", "reward_margin")),
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
-from posttrain.stages.base import StageSpec, TrainerInputs, check_trainer_args
+from posttrain.stages.base import StageSpec, TrainerInputs
 
 
 @dataclass
@@ -20,11 +20,16 @@ class ORPOStageConfig(StageConfig):
         require(self.beta > 0, f"{key}.beta", f"{self.beta} must be > 0")
 
 
+def trl_config() -> type:
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig
+
+
 def make_trainer(inputs: TrainerInputs):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     cfg: ORPOStageConfig = inputs.cfg
-    check_trainer_args(ORPOConfig, inputs.args, "orpo")
     args = ORPOConfig(**inputs.args, beta=cfg.beta)
     return ORPOTrainer(
         model=inputs.model,
@@ -42,5 +47,6 @@ STAGE = StageSpec(
     data_kind="preference",
     uses_reference=False,
     make_trainer=make_trainer,
+    trl_config=trl_config,
     summary_metrics=(("eval_rewards/accuracies", "reward_acc"), ("eval_rewards/margins", "reward_margin")),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
-from posttrain.stages.base import StageSpec, TrainerInputs, check_trainer_args
+from posttrain.stages.base import StageSpec, TrainerInputs
 
 
 @dataclass
@@ -20,11 +20,16 @@ class SFTStageConfig(StageConfig):
         require(not (self.packing and self.max_length is None), f"{key}.packing", "needs max_length set")
 
 
+def trl_config() -> type:
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
 def make_trainer(inputs: TrainerInputs):
     from trl import SFTConfig, SFTTrainer
 
     cfg: SFTStageConfig = inputs.cfg
-    check_trainer_args(SFTConfig, inputs.args, "sft")
     args = SFTConfig(**inputs.args, assistant_only_loss=cfg.assistant_only_loss, packing=cfg.packing)
     return SFTTrainer(
         model=inputs.model,
@@ -42,4 +47,5 @@ STAGE = StageSpec(
     data_kind="sft",
     uses_reference=False,
     make_trainer=make_trainer,
+    trl_config=trl_config,
 )
