@@ -15,6 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from posttrain.config import Config, ConfigError, load_config
+from posttrain.data.load import DataError
+
 
 def config_dir() -> str:
     """conf/ as package data (wheel install), else the source checkout's conf/ (editable)."""
@@ -54,38 +57,30 @@ def plan_text(cfg) -> str:
     return "\n".join(lines)
 
 
-def run(tree: DictConfig) -> dict | None:
-    """Validate and run a composed config (also callable from Python with a composed tree)."""
-    from posttrain.config import ConfigError, load_config
+def load(tree: DictConfig) -> tuple[Config, dict]:
+    """Resolve and validate a composed tree; ConfigError names the key of any mistake."""
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         container = OmegaConf.to_container(tree, resolve=True)
-        container["run"]["output_dir"] = _job_output_dir(container["run"]["output_dir"])
-        cfg = load_config(container)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    except Exception as e:  # an interpolation that cannot resolve, a missing key
-        if type(e).__module__.startswith("omegaconf"):
-            sys.exit(f"error: {str(e).splitlines()[0]}")
-        raise
-    from posttrain.stages import STAGES
-    from posttrain.stages.base import check_trainer_args
+    except OmegaConfBaseException as e:  # an interpolation that cannot resolve, a missing value
+        raise ConfigError(str(e).splitlines()[0]) from None
+    container["run"]["output_dir"] = _job_output_dir(container["run"]["output_dir"])
+    return load_config(container), container
 
-    try:
-        for name, stage in cfg.stages.items():
-            check_trainer_args(STAGES[stage.method], stage, name)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    print(plan_text(cfg), flush=True)
-    if cfg.run.plan:
-        return None
-    from posttrain.data.load import DataError
-    from posttrain.pipeline import run_pipeline
 
-    out = cfg.run.output_path
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(container), out / "resolved.yaml")
+def run(tree: DictConfig) -> dict | None:
+    """Validate and run a composed config (also callable from Python with a composed tree)."""
     try:
+        cfg, container = load(tree)
+        print(plan_text(cfg), flush=True)
+        if cfg.run.plan:
+            return None
+        from posttrain.pipeline import run_pipeline
+
+        out = cfg.run.output_path
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(container), out / "resolved.yaml")
         return run_pipeline(cfg)
     except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.data.builtin import TaskSpec
+
 
 class ConfigError(ValueError):
     """A config mistake; the message is one line naming the key and what is allowed."""
@@ -88,28 +90,8 @@ class DataSource:
 
 
 @dataclass
-class BuiltinTasksConfig:
-    tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "sort", "count"])
-    num_sft: int = 4000
-    num_preference: int = 2000
-    num_test: int = 200
-    max_number: int = 49
-    max_letters: int = 5
-    max_items: int = 6
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from posttrain.data.builtin import TASKS
-
-        for task in self.tasks:
-            require(task in TASKS, "data.builtin.tasks", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-        for name in ("num_sft", "num_preference", "num_test"):
-            require(getattr(self, name) > 0, f"data.builtin.{name}", "must be positive")
-
-
-@dataclass
 class DataConfig:
-    builtin: BuiltinTasksConfig = field(default_factory=BuiltinTasksConfig)
+    builtin: TaskSpec = field(default_factory=TaskSpec)
     sft: DataSource = field(default_factory=DataSource)
     preference: DataSource = field(default_factory=lambda: DataSource(path="builtin:preference"))
 
@@ -262,10 +244,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         require(isinstance(value, dict), key, f"expected a section with fields, got {value!r}")
         return build(tp, value, key)
-    if origin is list:
-        require(isinstance(value, list), key, f"expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (list, tuple):
+        require(isinstance(value, list | tuple), key, f"expected a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return dict(value)
@@ -293,6 +275,7 @@ def build(cls: type, data: dict, key: str = "") -> Any:
 def load_config(tree: dict) -> Config:
     """Validate a composed config tree (plain dict, interpolations resolved) into a `Config`."""
     from posttrain.stages import STAGES
+    from posttrain.stages.base import check_trainer_args
 
     tree = dict(tree)
     tree.pop("hydra", None)
@@ -317,6 +300,7 @@ def load_config(tree: dict) -> Config:
         require(method in STAGES, f"{name}.method", f"unknown method {method!r}; allowed: {allowed_methods}")
         stage = build(STAGES[method].config_cls, section, name)
         stage.validate(name)
+        check_trainer_args(STAGES[method], stage, name)
         allowed = ["base", "previous", *stages]
         require(
             stage.init_from in allowed,

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from posttrain import artifacts, models
 from posttrain.artifacts import Artifact
 from posttrain.config import Config, ConfigError, StageConfig
-from posttrain.data.builtin import TaskSpec, write_tasks
+from posttrain.data.builtin import write_tasks
 from posttrain.data.load import StageData, load_stage_data
 from posttrain.stages import STAGES
-from posttrain.stages.base import TrainerInputs, check_trainer_args, lora_config, metrics_logger, training_args
+from posttrain.stages.base import TrainerInputs, lora_config, metrics_logger, training_args
 from posttrain.summary import format_table
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def _uses_builtin(cfg: Config) -> bool:
 def load_all_data(cfg: Config) -> dict[str, StageData]:
     builtin_folder = Path()
     if _uses_builtin(cfg):
-        spec = TaskSpec(**{**dataclasses.asdict(cfg.data.builtin), "tasks": tuple(cfg.data.builtin.tasks)})
+        spec = cfg.data.builtin
         builtin_folder = write_tasks(spec, cfg.run.cache_path / "data" / f"builtin-{spec.fingerprint()}")
     return {
         name: load_stage_data(stage.data, STAGES[stage.method].data_kind, builtin_folder, cfg.run.seed)
@@ -175,41 +175,43 @@ def check_output_dir(cfg: Config) -> None:
             )
 
 
+def check_chat_template(cfg: Config, tokenizer, source: str) -> None:
+    """Assistant-only loss needs a template that marks assistant tokens: never train on prompts silently."""
+    for name, stage in cfg.stages.items():
+        if getattr(stage, "assistant_only_loss", False) and not models.marks_assistant_tokens(tokenizer):
+            raise ConfigError(
+                f"{name}.assistant_only_loss: the chat template of {source!r} cannot mark assistant tokens "
+                "(no {% generation %} block); set model.chat_template (chatml, zephyr, llama3) or "
+                f"{name}.assistant_only_loss=false"
+            )
+
+
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Run every stage; return the summary (also written to `<output_dir>/summary.json`)."""
     from transformers import set_seed
 
     check_output_dir(cfg)
-    for name, stage in cfg.stages.items():
-        check_trainer_args(STAGES[stage.method], stage, name)
     out = cfg.run.output_path
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.run.seed)
     t0 = time.time()
-
     base_source = models.base_model_source(cfg.model, cfg.run.cache_path)
     tokenizer = models.load_tokenizer(base_source, cfg.model)
-    for name, stage in cfg.stages.items():
-        if getattr(stage, "assistant_only_loss", False) and not models.marks_assistant_tokens(tokenizer):
-            raise ConfigError(
-                f"{name}.assistant_only_loss: the chat template of {base_source!r} cannot mark assistant tokens "
-                "(no {% generation %} block); set model.chat_template (chatml, zephyr, llama3) or "
-                f"{name}.assistant_only_loss=false"
-            )
+    check_chat_template(cfg, tokenizer, base_source)
     log("loading data")
     data = load_all_data(cfg)
     eval_rows = eval_conversations(cfg, data)
     timings = {"setup": time.time() - t0}
 
     log(f"evaluating base model {base_source}")
-    t = time.time()
-    model = models.load_model(base_source, cfg.model)
     first_stage = next(iter(cfg.stages.values()))
-    base_metrics, base_replies = evaluate_model(model, tokenizer, eval_rows, first_stage)
+    t = time.time()
+    base_metrics, base_replies = evaluate_model(
+        models.load_model(base_source, cfg.model), tokenizer, eval_rows, first_stage
+    )
+    timings["eval:base"] = time.time() - t
     results = {"base": {"method": "base", "metrics": base_metrics, "path": base_source}}
     replies = {"base": base_replies}
-    timings["eval:base"] = time.time() - t
-    del model
 
     done: dict[str, Artifact] = {"base": Artifact("base", base_source)}
     previous = done["base"]

@@ -95,7 +95,7 @@ TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What the generator makes; the fields mirror `data.builtin` in conf/data/tiny.yaml."""
+    """What the generator makes: `data.builtin` in conf/data/tiny.yaml."""
 
     tasks: tuple[str, ...] = ("add", "reverse", "sort", "count")
     num_sft: int = 4000
@@ -105,6 +105,14 @@ class TaskSpec:
     max_letters: int = 5
     max_items: int = 6
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+
+        for task in self.tasks:
+            require(task in TASKS, "data.builtin.tasks", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+        for name in ("num_sft", "num_preference", "num_test"):
+            require(getattr(self, name) > 0, f"data.builtin.{name}", "must be positive")
 
     def fingerprint(self) -> str:
         fields = {**self.__dict__, "generator": GENERATOR_VERSION}
@@ -159,9 +167,6 @@ def write_tasks(spec: TaskSpec, folder: Path) -> Path:
     """
     if (folder / "sft" / "train.jsonl").exists():
         return folder
-    for task in spec.tasks:
-        if task not in TASKS:
-            raise ValueError(f"data.builtin.tasks: unknown task {task!r}; allowed: {', '.join(TASKS)}")
     rng = random.Random(spec.seed)
     test = generate(spec, spec.num_test, rng, exclude=set())
     held_out = {p.prompt for p in test}
