@@ -85,7 +85,10 @@ class DataSource:
         for name in ("max_rows", "max_eval_rows"):
             value = getattr(self, name)
             require(value is None or value > 0, f"{key}.{name}", f"{value} must be a positive row count or null")
-        if not self.path.startswith("builtin:"):
+        if self.path.startswith("builtin:"):
+            builtins = ("builtin:sft", "builtin:preference")
+            require(self.path in builtins, f"{key}.path", f"{self.path!r} is not one of {', '.join(builtins)}")
+        else:
             _check_local_path(self.path, f"{key}.path")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posttrain import chat_templates
+from posttrain.config import ConfigError
 from posttrain.data.builtin import TaskSpec, sample_text
 
 if TYPE_CHECKING:
@@ -123,12 +124,16 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=_revision(source, cfg))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=_revision(source, cfg))
+    except (OSError, ValueError) as e:  # not on disk and no hub (offline), gated, or not a model folder
+        reason = str(e).strip().splitlines()[0]
+        raise ConfigError(f"model.path: could not load a tokenizer from {source!r} ({reason})") from None
     template = chat_templates.resolve(cfg.chat_template)
     if template is not None:
         tokenizer.chat_template = template
     if tokenizer.chat_template is None:
-        raise ValueError(
+        raise ConfigError(
             f"model.chat_template: tokenizer of {source!r} has no chat template; "
             f"set one of {', '.join(chat_templates.CHAT_TEMPLATES)} or a Jinja string"
         )

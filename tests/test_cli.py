@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,14 @@ def test_unknown_trainer_arg_is_caught_at_plan_time():
     proc = posttrain("plan=true", "+sft.trainer_args.warmup_ratoi=0.1")
     assert proc.returncode != 0
     assert proc.stderr.strip() == "error: sft.trainer_args.warmup_ratoi: not a field of TRL's SFTConfig"
+
+
+def test_unreachable_hub_model_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", "model=qwen2_5_0_5b", f"run.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.path: could not load a tokenizer from 'Qwen/Qwen2.5-0.5B'"), proc.stderr

@@ -83,6 +83,7 @@ BAD = [
     (["data.sft.path=null"], "data.sft.path: expected str, got None"),
     (["data.preference.path=/nonexistent/prefs.jsonl"], "align.data.path: '/nonexistent/prefs.jsonl' does not exist"),
     (["+sft.learnin_rate=1e-4"], "sft.learnin_rate: unknown key; allowed:"),
+    (["data.sft.path=builtin:chat"], "sft.data.path: 'builtin:chat' is not one of builtin:sft, builtin:preference"),
     (["align.loss_type=[sigmoid,foo]"], "align.loss_type: unknown 'foo'; allowed: sigmoid"),
     (["model.dtype=fp8"], "model.dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),
     (["sft=none", "align=none"], "run.stages: no stage runs"),
