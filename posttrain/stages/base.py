@@ -37,6 +37,17 @@ class TrainerInputs:
     peft_config: Any
     callbacks: list = field(default_factory=list)
 
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every TRL trainer takes, besides its config."""
+        return dict(
+            model=self.model,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            processing_class=self.tokenizer,
+            peft_config=self.peft_config,
+            callbacks=self.callbacks,
+        )
+
 
 @dataclass(frozen=True)
 class StageSpec:

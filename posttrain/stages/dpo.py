@@ -51,16 +51,7 @@ def make_trainer(inputs: TrainerInputs):
 
     cfg: DPOStageConfig = inputs.cfg
     args = DPOConfig(**inputs.args, beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights)
-    return DPOTrainer(
-        model=inputs.model,
-        ref_model=inputs.ref_model,
-        args=args,
-        train_dataset=inputs.train_dataset,
-        eval_dataset=inputs.eval_dataset,
-        processing_class=inputs.tokenizer,
-        peft_config=inputs.peft_config,
-        callbacks=inputs.callbacks,
-    )
+    return DPOTrainer(ref_model=inputs.ref_model, args=args, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(

@@ -31,15 +31,7 @@ def make_trainer(inputs: TrainerInputs):
 
     cfg: ORPOStageConfig = inputs.cfg
     args = ORPOConfig(**inputs.args, beta=cfg.beta)
-    return ORPOTrainer(
-        model=inputs.model,
-        args=args,
-        train_dataset=inputs.train_dataset,
-        eval_dataset=inputs.eval_dataset,
-        processing_class=inputs.tokenizer,
-        peft_config=inputs.peft_config,
-        callbacks=inputs.callbacks,
-    )
+    return ORPOTrainer(args=args, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(

@@ -31,15 +31,7 @@ def make_trainer(inputs: TrainerInputs):
 
     cfg: SFTStageConfig = inputs.cfg
     args = SFTConfig(**inputs.args, assistant_only_loss=cfg.assistant_only_loss, packing=cfg.packing)
-    return SFTTrainer(
-        model=inputs.model,
-        args=args,
-        train_dataset=inputs.train_dataset,
-        eval_dataset=inputs.eval_dataset,
-        processing_class=inputs.tokenizer,
-        peft_config=inputs.peft_config,
-        callbacks=inputs.callbacks,
-    )
+    return SFTTrainer(args=args, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(
