@@ -101,6 +101,7 @@ def train_stage(
     # With LoRA the reference is the policy with its adapter disabled: no second copy.
     ref_model = models.load_model(parent.source, cfg.model) if spec.uses_reference and peft_config is None else None
     stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an attempt that did not finish
     trainer = spec.make_trainer(
         TrainerInputs(
             cfg=stage,
