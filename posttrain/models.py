@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from posttrain import chat_templates
 from posttrain.config import ConfigError
-from posttrain.data.builtin import TaskSpec, sample_text
+from posttrain.data.builtin import GENERATOR_VERSION, TaskSpec, sample_text
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,9 @@ def base_model_source(cfg: ModelConfig, cache_dir: Path) -> str:
     """What `from_pretrained` should load: a hub id, a local folder, or the built tiny model's folder."""
     if cfg.path != TINY:
         return cfg.path
-    key = hashlib.sha256(json.dumps(cfg.tiny.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+    # The tokenizer is trained on built-in task text: a new generator means a new model.
+    recipe = {**cfg.tiny.__dict__, "generator": GENERATOR_VERSION}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir / "models" / f"tiny-{key}"
     if not (folder / "config.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
