@@ -64,3 +64,9 @@ def test_unreachable_hub_model_is_one_line(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.path: could not load a tokenizer from 'Qwen/Qwen2.5-0.5B'"), proc.stderr
+
+
+def test_sweep_gives_each_job_its_own_run_folder(tmp_path):
+    proc = posttrain("-m", "align.beta=0.1,0.2", "plan=true", f"run.output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"run folder: {tmp_path / '0'}" in proc.stdout and f"run folder: {tmp_path / '1'}" in proc.stdout
