@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts, models
 from posttrain.artifacts import Artifact
-from posttrain.config import Config, ConfigError, StageConfig
+from posttrain.config import Config, ConfigError, EvalConfig, StageConfig
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import StageData, load_stage_data
 from posttrain.stages import STAGES
@@ -70,12 +70,11 @@ def eval_conversations(cfg: Config, data: dict[str, StageData]) -> Dataset | Non
 
 
 def evaluate_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset | None, stage: StageConfig | None
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset | None, eval_cfg: EvalConfig
 ) -> tuple[dict[str, float], list[dict]]:
-    from posttrain.config import EvalConfig
+    """Response loss and exact match (with every reply) on the held-out conversations."""
     from posttrain.evaluate import accuracy_by_task, exact_match, response_loss
 
-    eval_cfg = stage.eval if stage is not None else EvalConfig()
     if rows is None:
         return {}, []
     metrics: dict[str, float] = {}
@@ -207,9 +206,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     log(f"evaluating base model {base_source}")
     first_stage = next(iter(cfg.stages.values()))
     t = time.time()
-    base_metrics, base_replies = evaluate_model(
-        models.load_model(base_source, cfg.model), tokenizer, eval_rows, first_stage
-    )
+    base_model = models.load_model(base_source, cfg.model)
+    base_metrics, base_replies = evaluate_model(base_model, tokenizer, eval_rows, first_stage.eval)
+    del base_model
     timings["eval:base"] = time.time() - t
     results = {"base": {"method": "base", "metrics": base_metrics, "path": base_source}}
     replies = {"base": base_replies}
@@ -224,7 +223,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         model, metrics = train_stage(name, stage, cfg, parent, data[name], tokenizer, stage_dir)
         timings[f"train:{name}"] = time.time() - started
         t = time.time()
-        eval_metrics, replies[name] = evaluate_model(model, tokenizer, eval_rows, stage)
+        eval_metrics, replies[name] = evaluate_model(model, tokenizer, eval_rows, stage.eval)
         metrics.update(eval_metrics)
         timings[f"eval:{name}"] = time.time() - t
         t = time.time()
