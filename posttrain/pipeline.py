@@ -19,6 +19,7 @@ from posttrain.artifacts import Artifact
 from posttrain.config import Config, ConfigError, EvalConfig, StageConfig
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import StageData, load_stage_data
+from posttrain.plots import plot_curves
 from posttrain.stages import STAGES
 from posttrain.stages.base import TrainerInputs, lora_config, metrics_logger, training_args
 from posttrain.summary import format_table
@@ -137,9 +138,10 @@ def save_stage(
     started: float,
     stage_dir: Path,
 ) -> None:
-    """Save model + tokenizer, then the manifest (last, atomically)."""
+    """Save model + tokenizer and the training curves, then the manifest (last, atomically)."""
     model.save_pretrained(stage_dir, safe_serialization=True)
     tokenizer.save_pretrained(stage_dir)
+    plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", f"{name} ({stage.method})")
     manifest = {
         "status": "complete",
         "stage": name,

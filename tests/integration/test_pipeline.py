@@ -51,6 +51,7 @@ def test_every_stage_writes_a_complete_artifact(finished_run):
     for folder in (out / "sft", out / "align"):
         assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
         assert (folder / "metrics.jsonl").exists()
+        assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_each_stage_changes_the_weights(finished_run):
