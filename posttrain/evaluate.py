@@ -48,7 +48,7 @@ def exact_match(
                     eos_token_id=tokenizer.eos_token_id,
                 )
             replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for conv, reply, task in zip(batch, replies, tasks[start:], strict=False):
+            for conv, reply, task in zip(batch, replies, tasks[start : start + cfg.batch_size], strict=True):
                 reference = conv[-1]["content"].strip()
                 records.append(
                     {

@@ -7,8 +7,6 @@ loads them with `from_pretrained`, the same path a user's hub id or local folder
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from posttrain import chat_templates
 from posttrain.config import ConfigError
-from posttrain.data.builtin import GENERATOR_VERSION, TaskSpec, sample_text
+from posttrain.data.builtin import TaskSpec, generated_key, sample_text
 
 if TYPE_CHECKING:
     import torch
@@ -96,9 +94,7 @@ def base_model_source(cfg: ModelConfig, cache_dir: Path) -> str:
     if cfg.path != TINY:
         return cfg.path
     # The tokenizer is trained on built-in task text: a new generator means a new model.
-    recipe = {**cfg.tiny.__dict__, "generator": GENERATOR_VERSION}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir / "models" / f"tiny-{key}"
+    folder = cache_dir / "models" / f"tiny-{generated_key(cfg.tiny.__dict__)}"
     if not (folder / "config.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         build_tiny(cfg, folder)

@@ -93,6 +93,12 @@ TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
 }
 
 
+def generated_key(fields: dict) -> str:
+    """A short hash of `fields` and GENERATOR_VERSION: names cached things made from generated text."""
+    content = {**fields, "generator": GENERATOR_VERSION}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What the generator makes: `data.builtin` in conf/data/tiny.yaml."""
@@ -115,8 +121,7 @@ class TaskSpec:
             require(getattr(self, name) > 0, f"data.builtin.{name}", "must be positive")
 
     def fingerprint(self) -> str:
-        fields = {**self.__dict__, "generator": GENERATOR_VERSION}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:12]
+        return generated_key(self.__dict__)
 
 
 def _size(spec: TaskSpec, task: str) -> int:
