@@ -1,8 +1,10 @@
 """Stage artifact folders and their manifests.
 
 A stage folder holds the model (safetensors) and tokenizer in plain Hugging Face format,
-`metrics.jsonl`, and `manifest.json`. The manifest is written last, atomically: a folder
-is complete only when its manifest says `"status": "complete"`.
+`metrics.jsonl`, `checkpoints/` while it trains, and `manifest.json`. The manifest says
+`running` while the stage trains, `interrupted` after a preemption, `failed` after an
+error, and `complete` only once everything else is written; it records the size of every
+file, so a truncated artifact is never taken for a complete one.
 """
 
 from __future__ import annotations
@@ -10,14 +12,23 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
+import subprocess
 import tempfile
 from dataclasses import dataclass
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from posttrain.secrets import redact
+
 MANIFEST = "manifest.json"
 LIBRARIES = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact could not be written (full disk, unwritable folder)."""
 
 
 @dataclass
@@ -25,15 +36,17 @@ class Artifact:
     name: str
     # what from_pretrained loads: a folder, or the base model's hub id
     source: str
+    # the stage key (posttrain.stage_cache) of what the folder holds
+    key: str = ""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write JSON (secrets redacted) to a temporary file in the same folder, fsync, rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+            json.dump(redact(data), f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,11 +55,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def read_manifest(folder: Path) -> dict | None:
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (e.g. cut short by a crash)."""
     try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    manifest = read_json(folder / MANIFEST)
+    return manifest if isinstance(manifest, dict) else None
 
 
 def is_complete(folder: Path) -> bool:
@@ -54,6 +73,69 @@ def is_complete(folder: Path) -> bool:
     return manifest is not None and manifest.get("status") == "complete"
 
 
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Sizes of the files that make up the saved model and tokenizer (not checkpoints or the manifest)."""
+    return {
+        f.name: f.stat().st_size
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")
+    }
+
+
+def damage(folder: Path, manifest: dict) -> str | None:
+    """Why a complete-looking artifact cannot be used (a file missing or of the wrong size), or None."""
+    for name, size in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, its manifest says {size}"
+    return None
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was fully written (its trainer_state.json, written last, parses)."""
+    found = []
+    for path in (folder / "checkpoints").glob("checkpoint-*"):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            found.append((int(path.name.rsplit("-", 1)[1]), path))
+        except (OSError, ValueError):
+            continue
+    return max(found)[1] if found else None
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what an artifact was made: host, world size, library versions, recipe commit."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "hosts": int(os.environ.get("SLURM_NNODES") or os.environ.get("NNODES") or 1),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "recipe_commit": recipe_commit(),
+        "versions": library_versions(),
+    }
+
+
+@cache
+def recipe_commit() -> dict[str, Any] | None:
+    """The git commit (and whether it has uncommitted changes) of the folder the recipes come from."""
+    from posttrain.cli import config_dir
+
+    folder = config_dir()
+    try:
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", folder, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10
+        )
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()), "folder": folder}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@cache
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:

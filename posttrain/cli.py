@@ -5,6 +5,7 @@
     posttrain recipe=tiny_sft_orpo run.output_dir=/tmp/x
     posttrain align=orpo align.beta=0.2 plan=true
     posttrain --help ; posttrain --cfg job
+    posttrain show outputs/tiny_sft_dpo/2026-11-25_10-00-00   # a run's stages, status, metrics
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain.config import Config, ConfigError, load_config
 from posttrain.data.load import DataError
+from posttrain.secrets import redact, scrub_file
 
 
 def config_dir() -> str:
@@ -41,9 +43,12 @@ def _job_output_dir(output_dir: str) -> str:
     return output_dir
 
 
-def plan_text(cfg) -> str:
-    """The stage chain as it will run, one line per stage."""
+def plan_text(cfg, keys: dict[str, str]) -> str:
+    """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
+    from posttrain.stage_cache import StageIndex, place_stage
+
     lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", "stages:"]
+    index = StageIndex(cfg.run.cache_path)
     previous = "base"
     for name, stage in cfg.stages.items():
         parent = previous if stage.init_from == "previous" else stage.init_from
@@ -53,6 +58,13 @@ def plan_text(cfg) -> str:
             f"  {name}: {stage.method} from {parent}, data {stage.data.path} [{stage.data.split}], "
             f"lr {stage.learning_rate:g}, batch {micro}x{accum}, {length}"
         )
+        placement = place_stage(name, keys[name], cfg, index)
+        where = {
+            "reuse": f"reuse complete {placement.folder}",
+            "resume": f"resume {placement.checkpoint}",
+            "train": "train",
+        }[placement.action]
+        lines.append(f"    key {keys[name]}: {where}")
         previous = name
     return "\n".join(lines)
 
@@ -69,21 +81,49 @@ def load(tree: DictConfig) -> tuple[Config, dict]:
     return load_config(container), container
 
 
+def _scrub_hydra_files() -> None:
+    """Hydra saved the overrides and config into `.hydra/` before we ran: take secrets out."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
+        for path in (Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir).glob("*.yaml"):
+            scrub_file(path)
+
+
 def run(tree: DictConfig) -> dict | None:
-    """Validate and run a composed config (also callable from Python with a composed tree)."""
+    """Validate and run a composed config (also callable from Python with a composed tree).
+
+    Exits with one line for a mistake, and with EXIT_PREEMPTED (75) after SIGTERM/SIGUSR1
+    saved a checkpoint: the same command resumes.
+    """
+    from posttrain.artifacts import ArtifactError
+    from posttrain.locks import FileLock, LockedError
+    from posttrain.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         cfg, container = load(tree)
-        print(plan_text(cfg), flush=True)
+        from posttrain.stage_cache import check_run_folder, stage_keys
+
+        keys = stage_keys(cfg)
+        check_run_folder(cfg, keys)
+        print(plan_text(cfg, keys), flush=True)
         if cfg.run.plan:
             return None
-        from posttrain.pipeline import run_pipeline
+        from posttrain.pipeline import check_writable, run_pipeline
 
         out = cfg.run.output_path
-        out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(container), out / "resolved.yaml")
-        return run_pipeline(cfg)
-    except (ConfigError, DataError) as e:
+        check_writable(out)
+        _scrub_hydra_files()
+        with FileLock(out / ".posttrain.lock", "run folder"):
+            OmegaConf.save(OmegaConf.create(redact(container)), out / "resolved.yaml")
+            return run_pipeline(cfg)
+    except (ConfigError, DataError, ArtifactError) as e:
         sys.exit(f"error: {e}")
+    except LockedError as e:
+        sys.exit(f"error: {e}; wait for it to finish or choose another run.output_dir")
+    except Preempted as e:
+        print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -92,6 +132,10 @@ def _hydra_main(tree: DictConfig) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["show"]:
+        from posttrain.show import main as show
+
+        sys.exit(show(sys.argv[2:]))
     sys.argv = [sys.argv[0], *_shorthands(sys.argv[1:])]
     _hydra_main()
 

@@ -136,6 +136,8 @@ class StageConfig:
     logging_steps: int = 10
     group_by_length: bool = False
     activation_checkpointing: bool = False
+    # save a resumable checkpoint every N optimizer steps (0: only when preempted)
+    checkpoint_steps: int = 500
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer_args: dict[str, Any] = field(default_factory=dict)
 
@@ -147,6 +149,7 @@ class StageConfig:
             require(getattr(self, name) > 0, f"{key}.{name}", f"{getattr(self, name)} must be > 0")
         require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (steps, or a ratio below 1)")
         require(self.max_length is None or self.max_length > 0, f"{key}.max_length", "must be > 0 or null")
+        require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"{self.checkpoint_steps} must be >= 0")
         self.data.validate(f"{key}.data")
 
 
@@ -193,6 +196,10 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: ["sft", "align"])
     # validate, print the plan and exit without training
     plan: bool = False
+    # reuse a complete stage with the same key (from this folder or any run on the same cache_dir)
+    reuse: bool = True
+    # continue an interrupted stage from its last checkpoint
+    resume: bool = True
 
     @property
     def output_path(self) -> Path:

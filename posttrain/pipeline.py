@@ -8,18 +8,24 @@ trainer, is evaluated, and is saved as an artifact whose manifest is written las
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import json
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import artifacts, models
+from posttrain import artifacts, models, stage_cache
 from posttrain.artifacts import Artifact
 from posttrain.config import Config, ConfigError, EvalConfig, StageConfig
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import StageData, load_stage_data
+from posttrain.locks import FileLock
 from posttrain.plots import plot_curves
+from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.stages import STAGES
 from posttrain.stages.base import TrainerInputs, lora_config, metrics_logger, training_args
 from posttrain.summary import format_table
@@ -91,33 +97,48 @@ def evaluate_model(
 # --- one stage ---------------------------------------------------------------------------
 
 
+@dataclass
+class StageRun:
+    """One stage of this run: its config, key, parent, and the folder its artifact lives in."""
+
+    name: str
+    stage: StageConfig
+    key: str
+    parent: Artifact
+    data: StageData
+    folder: Path
+    checkpoint: Path | None = None
+
+
 def train_stage(
-    name: str, stage: StageConfig, cfg: Config, parent: Artifact, data: StageData, tokenizer, stage_dir: Path
-) -> tuple[PreTrainedModel, dict[str, float]]:
-    """Train one stage from `parent`; return the trained (LoRA-merged) model and its trainer metrics."""
-    spec = STAGES[stage.method]
-    model = models.load_model(parent.source, cfg.model)
+    run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard
+) -> tuple[PreTrainedModel | None, dict[str, float]]:
+    """Train one stage from its parent (or its checkpoint); return the trained, LoRA-merged model
+    and the trainer's metrics, or (None, {}) when a preemption signal stopped it at a checkpoint."""
+    spec = STAGES[run.stage.method]
+    model = models.load_model(run.parent.source, cfg.model)
     peft_config = lora_config(cfg)
     # With LoRA the reference is the policy with its adapter disabled: no second copy.
-    ref_model = models.load_model(parent.source, cfg.model) if spec.uses_reference and peft_config is None else None
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an attempt that did not finish
+    use_ref = spec.uses_reference and peft_config is None
+    ref_model = models.load_model(run.parent.source, cfg.model) if use_ref else None
     trainer = spec.make_trainer(
         TrainerInputs(
-            cfg=stage,
+            cfg=run.stage,
             model=model,
             ref_model=ref_model,
             tokenizer=tokenizer,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            args=training_args(stage, cfg, stage_dir),
+            train_dataset=run.data.train,
+            eval_dataset=run.data.eval,
+            args=training_args(run.stage, cfg, run.folder),
             peft_config=peft_config,
-            callbacks=[metrics_logger(stage_dir / "metrics.jsonl")],
+            callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback()],
         )
     )
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    if guard.requested:
+        return None, {}
     metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
-    if data.eval is not None:
+    if run.data.eval is not None:
         metrics.update(trainer.evaluate())
     trained = trainer.model
     if peft_config is not None:
@@ -126,55 +147,125 @@ def train_stage(
     return trained, metrics
 
 
-def save_stage(
-    name: str,
-    stage: StageConfig,
-    cfg: Config,
-    model: PreTrainedModel,
-    tokenizer,
-    parent: Artifact,
-    data: StageData,
-    metrics: dict,
-    started: float,
-    stage_dir: Path,
-) -> None:
-    """Save model + tokenizer and the training curves, then the manifest (last, atomically)."""
-    model.save_pretrained(stage_dir, safe_serialization=True)
-    tokenizer.save_pretrained(stage_dir)
-    plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", f"{name} ({stage.method})")
-    manifest = {
-        "status": "complete",
-        "stage": name,
-        "method": stage.method,
-        "config": dataclasses.asdict(stage),
-        "model": dataclasses.asdict(cfg.model),
-        "peft": dataclasses.asdict(cfg.peft),
-        "parent": {"name": parent.name, "source": parent.source},
+def save_model(run: StageRun, model: PreTrainedModel, tokenizer) -> None:
+    """Model, tokenizer and training curves; a failed write (full disk) is one clear error."""
+    try:
+        model.save_pretrained(run.folder, safe_serialization=True)
+        tokenizer.save_pretrained(run.folder)
+        plot_curves(run.folder / "metrics.jsonl", run.folder / "curves.png", f"{run.name} ({run.stage.method})")
+    except OSError as e:
+        raise artifacts.ArtifactError(
+            f"saving stage {run.name} to {run.folder} failed: {e.strerror or e}; it is not marked complete and "
+            "earlier stages are intact: free space (or fix the folder) and re-run the same command"
+        ) from None
+
+
+def stage_manifest(run: StageRun, cfg: Config, status: str, **fields) -> dict[str, Any]:
+    """Everything needed to trust (and reproduce) an artifact: config, lineage, data, versions."""
+    return {
+        "status": status,
+        "stage": run.name,
+        "method": run.stage.method,
+        "key": run.key,
+        "content": stage_cache.stage_content(run.stage, cfg),
+        "config": dataclasses.asdict(run.stage),
+        "parent": {"name": run.parent.name, "key": run.parent.key, "source": run.parent.source},
         "data": {
-            "origin": data.origin,
-            "train_fingerprint": getattr(data.train, "_fingerprint", None),
-            "train_rows": len(data.train),
-            "eval_rows": len(data.eval) if data.eval is not None else 0,
+            "origin": run.data.origin,
+            "fingerprint": stage_cache.data_fingerprint(run.stage.data, cfg.data.builtin),
+            "train_rows": len(run.data.train),
+            "eval_rows": len(run.data.eval) if run.data.eval is not None else 0,
         },
-        "versions": artifacts.library_versions(),
-        "metrics": metrics,
-        "started": started,
-        "finished": time.time(),
+        **artifacts.provenance(),
+        **fields,
     }
-    artifacts.write_json_atomic(stage_dir / artifacts.MANIFEST, manifest)
+
+
+def prepare_folder(run: StageRun, cfg: Config) -> None:
+    """A fresh folder for a new attempt; for a resumed one, drop what came after its checkpoint."""
+    own = cfg.run.output_path / run.name
+    if run.checkpoint is None:
+        if own.is_symlink():
+            own.unlink()
+        elif own.exists():
+            shutil.rmtree(own)  # an unfinished attempt: place_stage never trains over a complete one
+        own.mkdir(parents=True)
+        return
+    step = int(run.checkpoint.name.rsplit("-", 1)[1])
+    for path in (run.folder / "checkpoints").glob("checkpoint-*"):
+        if path != run.checkpoint:
+            shutil.rmtree(path)  # half-written, or older
+    log_path = run.folder / "metrics.jsonl"
+    if log_path.exists():
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    stage_cache.link_stage(own, run.folder)
+
+
+def run_stage(
+    run: StageRun, cfg: Config, tokenizer, eval_rows, guard: PreemptionGuard, index: stage_cache.StageIndex
+) -> tuple[dict[str, float], list[dict], dict[str, float]]:
+    """Train, evaluate and save one stage; the manifest says running, then interrupted/failed/complete."""
+    prepare_folder(run, cfg)
+    manifest_path = run.folder / artifacts.MANIFEST
+    started = time.time()
+    previous = artifacts.read_manifest(run.folder) if run.checkpoint else None
+    attempts = [*(previous or {}).get("attempts", []), {"started": started, "resumed_from": run.checkpoint}]
+    artifacts.write_json_atomic(manifest_path, stage_manifest(run, cfg, "running", attempts=attempts))
+    index.register(run.key, run.folder)
+    timings = {}
+    try:
+        model, metrics = train_stage(run, cfg, tokenizer, guard)
+        timings[f"train:{run.name}"] = time.time() - started
+        if model is None:
+            checkpoint = artifacts.last_checkpoint(run.folder)
+            manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
+            artifacts.write_json_atomic(manifest_path, manifest)
+            raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
+        t = time.time()
+        eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
+        metrics.update(eval_metrics)
+        timings[f"eval:{run.name}"] = time.time() - t
+        t = time.time()
+        save_model(run, model, tokenizer)
+        shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
+        del model
+        gc.collect()
+        attempts[-1]["finished"] = time.time()
+        manifest = stage_manifest(
+            run,
+            cfg,
+            "complete",
+            attempts=attempts,
+            metrics=metrics,
+            eval_key=stage_cache.eval_key(run.stage, cfg),
+            replies=replies,
+            files=artifacts.file_sizes(run.folder),
+        )
+        artifacts.write_json_atomic(manifest_path, manifest)
+        timings[f"save:{run.name}"] = time.time() - t
+        return metrics, replies, timings
+    except (Preempted, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        failed = stage_manifest(run, cfg, "failed", attempts=attempts, error=f"{type(e).__name__}: {e}"[:2000])
+        with contextlib.suppress(OSError):
+            artifacts.write_json_atomic(manifest_path, failed)
+        raise
 
 
 # --- the chain ---------------------------------------------------------------------------
 
 
-def check_output_dir(cfg: Config) -> None:
-    """Completed artifacts are never overwritten: refuse a run folder that already holds one."""
-    for name in cfg.stages:
-        if artifacts.is_complete(cfg.run.output_path / name):
-            raise ConfigError(
-                f"run.output_dir: {cfg.run.output_path} already holds a complete stage {name!r}; "
-                "choose a new run.output_dir"
-            )
+def check_writable(folder: Path) -> None:
+    """An unwritable or missing-parent run folder is a clear error before anything trains."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".posttrain-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run.output_dir: cannot write to {folder} ({e.strerror or e})") from None
 
 
 def check_chat_template(cfg: Config, tokenizer, source: str) -> None:
@@ -188,55 +279,97 @@ def check_chat_template(cfg: Config, tokenizer, source: str) -> None:
             )
 
 
+def evaluate_base(cfg: Config, keys: dict[str, str], tokenizer, eval_rows, source: str):
+    """Base-model metrics, cached per (base model, evaluation settings): a sweep evaluates it once."""
+    first = next(iter(cfg.stages.values()))
+    name = stage_cache.hash_json([keys["base"], stage_cache.eval_key(first, cfg)])
+    path = cfg.run.cache_path / "evals" / f"base-{name}.json"
+    if cfg.run.reuse and (cached := artifacts.read_json(path)) is not None:
+        log(f"base model metrics reused from {path}")
+        return cached["metrics"], cached["replies"]
+    log(f"evaluating base model {source}")
+    model = models.load_model(source, cfg.model)
+    metrics, replies = evaluate_model(model, tokenizer, eval_rows, first.eval)
+    artifacts.write_json_atomic(path, {"metrics": metrics, "replies": replies})
+    return metrics, replies
+
+
+def reused_stage(run: StageRun, cfg: Config, tokenizer, eval_rows) -> tuple[dict, list[dict]]:
+    """A complete artifact's metrics; its held-out evaluation is redone if the evaluation settings changed."""
+    manifest = artifacts.read_manifest(run.folder) or {}
+    metrics, replies = dict(manifest.get("metrics", {})), manifest.get("replies", [])
+    if manifest.get("eval_key") != stage_cache.eval_key(run.stage, cfg):
+        log(f"stage {run.name}: evaluation settings changed, evaluating the reused model again")
+        model = models.load_model(str(run.folder), cfg.model)
+        eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
+        metrics.update(eval_metrics)
+    return metrics, replies
+
+
+def reuse_or_run(
+    run: StageRun, cfg: Config, tokenizer, eval_rows, guard: PreemptionGuard, timings: dict
+) -> tuple[str, dict, list[dict]]:
+    """Reuse, resume or train one stage, holding its key's lock (a parallel sweep job waits)."""
+    index = stage_cache.StageIndex(cfg.run.cache_path)
+
+    def waiting(holder: str) -> None:
+        log(f"stage {run.name}: waiting for {holder}, which is training the same stage")
+
+    with FileLock(index.lock_path(run.key), f"stage {run.name}", wait=True, on_wait=waiting):
+        placement = stage_cache.place_stage(run.name, run.key, cfg, index)
+        run.folder, run.checkpoint = placement.folder, placement.checkpoint
+        if placement.action == "reuse":
+            stage_cache.link_stage(cfg.run.output_path / run.name, run.folder)
+            log(f"stage {run.name} ({run.stage.method}): reusing complete artifact {run.folder}")
+            return "reused", *reused_stage(run, cfg, tokenizer, eval_rows)
+        how = f"resuming {run.checkpoint}" if run.checkpoint else f"starting from {run.parent.name}"
+        log(f"stage {run.name} ({run.stage.method}) {how}; rows: {len(run.data.train)} train")
+        metrics, replies, stage_timings = run_stage(run, cfg, tokenizer, eval_rows, guard, index)
+        timings.update(stage_timings)
+        log(f"stage {run.name} complete: {run.folder}")
+        return ("resumed" if run.checkpoint else "trained"), metrics, replies
+
+
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Run every stage; return the summary (also written to `<output_dir>/summary.json`)."""
+    """Run every stage; return the summary (also written to `<output_dir>/summary.json`).
+
+    Complete stages with the same key are reused, an interrupted one resumes from its
+    checkpoint, SIGTERM/SIGUSR1 stop at a checkpoint and raise Preempted.
+    """
     from transformers import set_seed
 
-    check_output_dir(cfg)
     out = cfg.run.output_path
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    keys = stage_cache.stage_keys(cfg)
+    stage_cache.check_run_folder(cfg, keys)
     set_seed(cfg.run.seed)
     t0 = time.time()
-    base_source = models.base_model_source(cfg.model, cfg.run.cache_path)
-    tokenizer = models.load_tokenizer(base_source, cfg.model)
-    check_chat_template(cfg, tokenizer, base_source)
-    log("loading data")
-    data = load_all_data(cfg)
-    eval_rows = eval_conversations(cfg, data)
-    timings = {"setup": time.time() - t0}
+    with PreemptionGuard() as guard:
+        base_source = models.base_model_source(cfg.model, cfg.run.cache_path)
+        tokenizer = models.load_tokenizer(base_source, cfg.model)
+        check_chat_template(cfg, tokenizer, base_source)
+        log("loading data")
+        data = load_all_data(cfg)
+        eval_rows = eval_conversations(cfg, data)
+        timings = {"setup": time.time() - t0}
 
-    log(f"evaluating base model {base_source}")
+        t = time.time()
+        base_metrics, base_replies = evaluate_base(cfg, keys, tokenizer, eval_rows, base_source)
+        timings["eval:base"] = time.time() - t
+        results = {"base": {"method": "base", "status": "base", "metrics": base_metrics, "path": base_source}}
+        replies = {"base": base_replies}
+
+        done: dict[str, Artifact] = {"base": Artifact("base", base_source, keys["base"])}
+        previous = done["base"]
+        for name, stage in cfg.stages.items():
+            guard.check(f"before stage {name}")
+            parent = previous if stage.init_from == "previous" else done[stage.init_from]
+            run = StageRun(name, stage, keys[name], parent, data[name], out / name)
+            status, metrics, replies[name] = reuse_or_run(run, cfg, tokenizer, eval_rows, guard, timings)
+            results[name] = {"method": stage.method, "status": status, "metrics": metrics, "path": str(run.folder)}
+            done[name] = previous = Artifact(name, str(run.folder), run.key)
+
     first_stage = next(iter(cfg.stages.values()))
-    t = time.time()
-    base_model = models.load_model(base_source, cfg.model)
-    base_metrics, base_replies = evaluate_model(base_model, tokenizer, eval_rows, first_stage.eval)
-    del base_model
-    timings["eval:base"] = time.time() - t
-    results = {"base": {"method": "base", "metrics": base_metrics, "path": base_source}}
-    replies = {"base": base_replies}
-
-    done: dict[str, Artifact] = {"base": Artifact("base", base_source)}
-    previous = done["base"]
-    for name, stage in cfg.stages.items():
-        parent = previous if stage.init_from == "previous" else done[stage.init_from]
-        stage_dir = out / name
-        log(f"stage {name} ({stage.method}) starts from {parent.name}; rows: {len(data[name].train)} train")
-        started = time.time()
-        model, metrics = train_stage(name, stage, cfg, parent, data[name], tokenizer, stage_dir)
-        timings[f"train:{name}"] = time.time() - started
-        t = time.time()
-        eval_metrics, replies[name] = evaluate_model(model, tokenizer, eval_rows, stage.eval)
-        metrics.update(eval_metrics)
-        timings[f"eval:{name}"] = time.time() - t
-        t = time.time()
-        save_stage(name, stage, cfg, model, tokenizer, parent, data[name], metrics, started, stage_dir)
-        timings[f"save:{name}"] = time.time() - t
-        results[name] = {"method": stage.method, "metrics": metrics, "path": str(stage_dir)}
-        log(f"stage {name} complete: {stage_dir}")
-        done[name] = previous = Artifact(name, str(stage_dir))
-        del model
-        gc.collect()
-
     summary = {
         "stages": results,
         "samples": _side_by_side(replies, first_stage.eval.num_samples),

@@ -34,8 +34,11 @@ def _cell(value: Any) -> str:
 
 def format_table(cfg: Config, results: dict[str, dict]) -> str:
     columns = _columns(cfg)
-    header = ["stage", "method", *(title for _, title in columns)]
-    rows = [[name, r["method"], *(_cell(r["metrics"].get(key)) for key, _ in columns)] for name, r in results.items()]
+    header = ["stage", "method", "status", *(title for _, title in columns)]
+    rows = [
+        [name, r["method"], r.get("status", "-"), *(_cell(r["metrics"].get(key)) for key, _ in columns)]
+        for name, r in results.items()
+    ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -97,7 +97,10 @@ def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[st
         activation_checkpointing=cfg.activation_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
-        save_strategy="no",
+        # resumable checkpoints (model, optimizer, scheduler, RNG, data position); the newest only
+        save_strategy="steps" if cfg.checkpoint_steps > 0 else "no",
+        save_steps=cfg.checkpoint_steps or 500,
+        save_total_limit=1,
         eval_strategy="no",
         dataloader_num_workers=0,
         disable_tqdm=False,

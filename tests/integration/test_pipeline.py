@@ -46,7 +46,9 @@ def test_every_stage_writes_a_complete_artifact(finished_run):
     assert sft["status"] == align["status"] == "complete"
     assert (sft["method"], align["method"]) == ("sft", method)
     assert sft["parent"]["name"] == "base"
-    assert align["parent"] == {"name": "sft", "source": str(out / "sft")}
+    assert align["parent"]["name"] == "sft" and align["parent"]["key"] == sft["key"]
+    # the orpo run reuses the dpo run's SFT (same key, same cache): its `sft` links there
+    assert Path(align["parent"]["source"]) == (out / "sft").resolve()
     assert align["versions"]["trl"] and align["data"]["train_rows"] == 128
     for folder in (out / "sft", out / "align"):
         assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
@@ -101,13 +103,27 @@ def test_final_model_loads_and_generates(finished_run):
     assert tok.chat_template and "{% generation %}" in tok.chat_template
 
 
-def test_rerun_into_a_finished_folder_is_refused(finished_run, cache_dir):
+def test_rerun_of_a_finished_run_reuses_every_stage(finished_run, cache_dir):
     method, out, _ = finished_run
-    before = (out / "sft" / "manifest.json").read_text()
+    before = {stage: (out / stage / "manifest.json").read_text() for stage in ("sft", "align")}
     proc = posttrain(f"align={method}", f"run.output_dir={out}", *FAST, cache_dir=cache_dir)
-    assert proc.returncode != 0
-    assert "already holds a complete stage 'sft'; choose a new run.output_dir" in proc.stderr
-    assert (out / "sft" / "manifest.json").read_text() == before
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing complete artifact" in proc.stdout and "starting from" not in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"].values()] == ["base", "reused", "reused"]
+    assert {stage: (out / stage / "manifest.json").read_text() for stage in before} == before
+
+
+def test_changed_config_into_a_finished_folder_is_refused(finished_run, cache_dir):
+    method, out, _ = finished_run
+    before = (out / "align" / "manifest.json").read_text()
+    proc = posttrain(f"align={method}", f"run.output_dir={out}", *FAST, "align.learning_rate=1e-4", cache_dir=cache_dir)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: run.output_dir: {out / 'align'} holds a complete stage made with a different config "
+        "(changed: stage.learning_rate); finished stages are never overwritten: choose a new run.output_dir"
+    )
+    assert (out / "align" / "manifest.json").read_text() == before
 
 
 def test_lora_adapters_are_merged_into_plain_models(cache_dir, tmp_path):

@@ -1,0 +1,62 @@
+"""Preemption: SIGTERM or SIGUSR1 (what Slurm sends before it kills a job) asks the run to stop.
+
+The handler only sets a flag. During training a callback sees it after the current
+optimizer step, saves a checkpoint and stops the trainer; between stages the pipeline
+checks it. The stage's manifest is then marked `interrupted` and the process exits with
+EXIT_PREEMPTED, which `launch/slurm.sbatch` answers with `scontrol requeue`.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+# EX_TEMPFAIL from sysexits.h: "try again later"
+EXIT_PREEMPTED = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised by the pipeline once the current work is saved."""
+
+
+class PreemptionGuard:
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        print(f"[posttrain] {self.signal_name} received: saving a checkpoint and stopping", flush=True)
+
+    def __enter__(self) -> PreemptionGuard:
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def check(self, where: str) -> None:
+        if self.requested:
+            raise Preempted(f"{self.signal_name} {where}")
+
+    def callback(self) -> Any:
+        """A TrainerCallback that checkpoints and stops training once a signal came."""
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class StopOnSignal(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if guard.requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        return StopOnSignal()

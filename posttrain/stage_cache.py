@@ -1,0 +1,233 @@
+"""Stage keys and the cache index: a stage whose key matches a finished artifact is reused.
+
+A stage's key hashes what decides its weights: its own config (minus logging, checkpoint
+and evaluation settings), the model and PEFT settings, the seed, the world size (part of
+the global batch), its data's fingerprint and its parent's key. The index
+(`<run.cache_dir>/stages/<key>.json`) points at the one folder where a key is being or
+was trained, so a sweep or a re-run in a new folder finds it.
+
+    keys = stage_keys(cfg)                # {"sft": "3f2a...", "align": "9c01..."}
+    StageIndex(cfg.run.cache_path).lookup(keys["sft"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain import artifacts
+from posttrain.config import Config, ConfigError, DataSource, ModelConfig, StageConfig
+from posttrain.data.builtin import TaskSpec
+from posttrain.data.load import FILE_BUILDERS
+
+# Bump when a change to posttrain makes old artifacts differ from what the code now trains.
+KEY_VERSION = 1
+# Stage fields that do not change the trained weights.
+NOT_IN_KEY = ("logging_steps", "eval", "per_device_eval_batch_size", "checkpoint_steps")
+
+
+def hash_json(content: Any) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# --- data fingerprints ------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(src: DataSource, builtin: TaskSpec) -> str:
+    """A hash of the source settings and of the rows' content, computed without loading them.
+
+    Local files are hashed byte for byte; the built-in data by its generator settings; a hub
+    dataset by id, config, split and revision (pin `revision` for a reproducible key).
+    """
+    content: dict[str, Any] = {"source": dataclasses.asdict(src)}
+    local = Path(src.path).expanduser()
+    if src.path.startswith("builtin:"):
+        content["builtin"] = builtin.fingerprint()
+    elif local.is_file():
+        content["files"] = {local.name: file_digest(local)}
+    elif local.is_dir():
+        files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in FILE_BUILDERS)
+        content["files"] = {str(f.relative_to(local)): file_digest(f) for f in files}
+    return hash_json(content)
+
+
+# --- stage keys -------------------------------------------------------------------------
+
+
+def base_key(model: ModelConfig) -> str:
+    """What names the base weights: hub id or folder (with revision), or the tiny model's settings."""
+    identity = {"path": model.path, "revision": model.revision}
+    if model.path.startswith("builtin:"):
+        identity["tiny"] = dataclasses.asdict(model.tiny)
+    return hash_json({"base": identity, "version": KEY_VERSION})
+
+
+def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
+    """The part of the config that decides a stage's weights (recorded in its manifest)."""
+    own = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_IN_KEY}
+    return {
+        "stage": own,
+        "model": dataclasses.asdict(cfg.model),
+        "peft": dataclasses.asdict(cfg.peft),
+        "seed": cfg.run.seed,
+        "world_size": world_size(),
+    }
+
+
+def stage_keys(cfg: Config) -> dict[str, str]:
+    """Every stage's key, in chain order (`base` first)."""
+    keys = {"base": base_key(cfg.model)}
+    previous = "base"
+    for name, stage in cfg.stages.items():
+        parent = previous if stage.init_from == "previous" else stage.init_from
+        keys[name] = hash_json(
+            {
+                "config": stage_content(stage, cfg),
+                "parent": keys[parent],
+                "data": data_fingerprint(stage.data, cfg.data.builtin),
+                "version": KEY_VERSION,
+            }
+        )
+        previous = name
+    return keys
+
+
+def eval_key(stage: StageConfig, cfg: Config) -> str:
+    """What decides a stage's held-out numbers besides its weights: its eval settings and the data."""
+    data = [data_fingerprint(s.data, cfg.data.builtin) for s in cfg.stages.values()]
+    return hash_json({"eval": dataclasses.asdict(stage.eval), "data": data, "seed": cfg.run.seed})
+
+
+# --- the index --------------------------------------------------------------------------
+
+
+class StageIndex:
+    """key -> the folder that holds (or is training) that stage, shared by every run on this cache."""
+
+    def __init__(self, cache_path: Path):
+        self.folder = cache_path / "stages"
+
+    def entry(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def lock_path(self, key: str) -> Path:
+        return self.folder / f"{key}.lock"
+
+    def register(self, key: str, stage_dir: Path) -> None:
+        artifacts.write_json_atomic(self.entry(key), {"path": str(stage_dir.resolve())})
+
+    def lookup(self, key: str) -> Path | None:
+        """The registered folder for `key`, if it still holds that key (complete or not)."""
+        try:
+            folder = Path(json.loads(self.entry(key).read_text())["path"])
+        except (OSError, ValueError, KeyError):
+            return None
+        manifest = artifacts.read_manifest(folder)
+        return folder if manifest is not None and manifest.get("key") == key else None
+
+
+# --- where each stage lives -------------------------------------------------------------
+
+
+@dataclass
+class Placement:
+    """What to do for a stage: reuse a complete artifact, resume a checkpoint, or train afresh."""
+
+    action: Literal["reuse", "resume", "train"]
+    # the folder that holds (or will hold) the artifact; outside the run folder when found via the index
+    folder: Path
+    checkpoint: Path | None = None
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = []
+        for k in sorted(set(old) | set(new)):
+            changed += config_changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return changed
+    return [] if old == new else [prefix]
+
+
+def check_run_folder(cfg: Config, keys: dict[str, str]) -> None:
+    """Before anything trains: refuse a run folder whose stages were made with another config."""
+    for name, stage in cfg.stages.items():
+        folder = cfg.run.output_path / name
+        if not folder.exists():
+            continue
+        manifest = artifacts.read_manifest(folder)
+        where = f"run.output_dir: {folder}"
+        if manifest is None:
+            if folder.is_dir() and any(folder.iterdir()):
+                raise ConfigError(f"{where} exists but is not a posttrain stage; choose a new run.output_dir")
+            continue
+        complete = manifest.get("status") == "complete"
+        if manifest.get("key") == keys[name]:
+            if complete and not cfg.run.reuse and not folder.is_symlink():
+                raise ConfigError(f"{where} holds this stage complete; run.reuse=false needs a new run.output_dir")
+            continue
+        changes = config_changes(manifest.get("content", {}), stage_content(stage, cfg)) or ["its data or parent"]
+        if complete:
+            raise ConfigError(
+                f"{where} holds a complete stage made with a different config (changed: {', '.join(changes)}); "
+                "finished stages are never overwritten: choose a new run.output_dir"
+            )
+        if cfg.run.resume:
+            raise ConfigError(
+                f"{where} holds an unfinished stage with a different config (changed: {', '.join(changes)}); "
+                "its checkpoint cannot be resumed: set run.resume=false to discard it, or choose a new run.output_dir"
+            )
+
+
+def place_stage(name: str, key: str, cfg: Config, index: StageIndex) -> Placement:
+    """Decide, under the stage's lock, where stage `name` comes from."""
+    own = cfg.run.output_path / name
+    candidates = [own, index.lookup(key)] if cfg.run.reuse or cfg.run.resume else [own]
+    found = []
+    for folder in dict.fromkeys(c.resolve() for c in candidates if c is not None and c.exists()):
+        manifest = artifacts.read_manifest(folder)
+        if manifest is not None and manifest.get("key") == key:
+            found.append((folder, manifest))
+    for folder, manifest in found:
+        if manifest["status"] != "complete" or not cfg.run.reuse:
+            continue
+        problem = artifacts.damage(folder, manifest)
+        if problem is None:
+            return Placement("reuse", folder)
+        if folder == own.resolve():
+            raise ConfigError(f"run.output_dir: stage {name} in {folder} is damaged ({problem}); choose a new one")
+        print(f"[posttrain] not reusing {folder}: {problem}", flush=True)
+    for folder, manifest in found:
+        checkpoint = artifacts.last_checkpoint(folder)
+        if manifest["status"] != "complete" and cfg.run.resume and checkpoint is not None:
+            return Placement("resume", folder, checkpoint)
+    return Placement("train", own)
+
+
+def link_stage(own: Path, folder: Path) -> None:
+    """Make the run folder's `<stage>` entry point at `folder` (a symlink when it lives elsewhere)."""
+    if own.resolve() == folder.resolve():
+        return
+    if own.is_symlink() or own.is_file():
+        own.unlink()
+    elif own.exists():
+        shutil.rmtree(own)  # an unfinished attempt (check_run_folder refused anything complete)
+    own.symlink_to(folder, target_is_directory=True)
