@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,13 @@ FAST = [
     "align.logging_steps=1",
     "align.eval.num_prompts=16",
 ]
+
+
+def posttrain_argv(*args: str, cache_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `posttrain <args>` on a given cache."""
+    return [sys.executable, "-m", "posttrain.cli", *args], {**os.environ, "POSTTRAIN_CACHE": str(cache_dir)}
+
+
+def run_posttrain(*args: str, cache_dir: Path, **kwargs) -> subprocess.CompletedProcess:
+    argv, env = posttrain_argv(*args, cache_dir=cache_dir)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, **kwargs)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import FAST
+from tests.conftest import FAST, run_posttrain
 
 
 def posttrain(*args: str, cache_dir) -> subprocess.CompletedProcess:
-    env = {**os.environ, "POSTTRAIN_CACHE": str(cache_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, env=env, timeout=600
-    )
+    return run_posttrain(*args, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module", params=["dpo", "orpo"])
