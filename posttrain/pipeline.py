@@ -149,13 +149,16 @@ def train_stage(
 
 def save_model(run: StageRun, model: PreTrainedModel, tokenizer) -> None:
     """Model, tokenizer and training curves; a failed write (full disk) is one clear error."""
+    from safetensors import SafetensorError
+
     try:
         model.save_pretrained(run.folder, safe_serialization=True)
         tokenizer.save_pretrained(run.folder)
         plot_curves(run.folder / "metrics.jsonl", run.folder / "curves.png", f"{run.name} ({run.stage.method})")
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise artifacts.ArtifactError(
-            f"saving stage {run.name} to {run.folder} failed: {e.strerror or e}; it is not marked complete and "
+            f"saving stage {run.name} to {run.folder} failed: {reason}; it is not marked complete and "
             "earlier stages are intact: free space (or fix the folder) and re-run the same command"
         ) from None
 

@@ -4,6 +4,7 @@ ends with the same model as a run that was never interrupted."""
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import subprocess
 import time
@@ -50,13 +51,37 @@ def _max_difference(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+SECRET = "hf_NotARealToken1234567"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """An uninterrupted run on its own cache."""
+    """An uninterrupted run on its own cache (with a hub token in its environment and its run name)."""
     root = tmp_path_factory.mktemp("reference")
-    proc = run_posttrain(f"run.output_dir={root / 'run'}", *FAST, *CHECKPOINTS, cache_dir=root / "cache")
+    argv, env = posttrain_argv(
+        f"run.output_dir={root / 'run'}", *FAST, *CHECKPOINTS, f"run.name=run-{SECRET}", cache_dir=root / "cache"
+    )
+    proc = subprocess.run(argv, env={**env, "HF_TOKEN": SECRET}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
+
+
+def test_no_secret_is_written_anywhere(reference):
+    written = [p for p in reference.parent.rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    assert any(p.name == "overrides.yaml" for p in written) and any(p.name == "manifest.json" for p in written)
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
+    assert "run-***" in (reference / "resolved.yaml").read_text()
+
+
+def test_manifest_records_provenance(reference):
+    manifest = _manifest(reference / "align")
+    assert manifest["parent"]["key"] == _manifest(reference / "sft")["key"]
+    assert manifest["data"]["fingerprint"] and manifest["content"]["stage"]["beta"] == 0.1
+    assert manifest["world_size"] == 1 and manifest["hosts"] == 1 and manifest["host"]
+    assert manifest["versions"]["trl"].startswith("1.")
+    assert manifest["recipe_commit"] is None or len(manifest["recipe_commit"]["commit"]) == 40
+    assert manifest["attempts"][0]["finished"] > manifest["attempts"][0]["started"]
+    assert manifest["metrics"]["train_loss"] > 0 and manifest["files"]["model.safetensors"] > 0
 
 
 def _checkpoint_written(folder: Path, step: int):
@@ -208,3 +233,37 @@ def test_damaged_or_unfinished_artifacts_are_not_reused(reference, tmp_path):
     assert plan().count("reuse complete") == 0
     (broken / "sft" / "manifest.json").write_text('{"status": "comp')  # cut short
     assert plan().count("reuse complete") == 0
+
+
+def _file_size_limit(limit: int):
+    """A full disk, as far as the run can tell: writes past `limit` bytes fail (EFBIG)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_failed_save_is_one_error_and_leaves_earlier_stages_intact(tmp_path):
+    first, out, cache = tmp_path / "first", tmp_path / "run", tmp_path / "cache"
+    _rerun(first, cache)
+    before = {name: (first / "sft" / name).read_bytes() for name in ("manifest.json", "model.safetensors")}
+
+    # SFT is reused from the first run; the new align stage trains, then cannot save its 3.6 MB of weights
+    args = (f"run.output_dir={out}", *FAST, "align.beta=0.3", "align.checkpoint_steps=0")
+    argv, env = posttrain_argv(*args, cache_dir=cache)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, preexec_fn=_file_size_limit(1_000_000))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: saving stage align to {out / 'align'} failed: ") and "File too large" in last
+    assert last.endswith(
+        "it is not marked complete and earlier stages are intact: free space (or fix the folder) "
+        "and re-run the same command"
+    )
+    assert (out / "sft").resolve() == first / "sft"
+    assert {name: (first / "sft" / name).read_bytes() for name in before} == before
+    assert _manifest(out / "align")["status"] == "failed"
+
+    assert run_posttrain(*args, cache_dir=cache).returncode == 0
+    assert _manifest(out / "align")["status"] == "complete"

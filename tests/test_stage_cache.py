@@ -1,0 +1,87 @@
+"""Stage keys change exactly when a stage's result can change; the index only returns matching folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain import artifacts
+from posttrain.config import load_config
+from posttrain.stage_cache import StageIndex, config_changes, stage_keys
+from tests.conftest import compose_tree
+
+
+def keys(*overrides: str) -> dict[str, str]:
+    return stage_keys(load_config(compose_tree(list(overrides))))
+
+
+def test_keys_are_stable_and_distinct():
+    first = keys()
+    assert first == keys()
+    assert len(set(first.values())) == 3
+
+
+def test_an_alignment_setting_changes_only_the_alignment_key():
+    before, after = keys(), keys("align.beta=0.3")
+    assert before["sft"] == after["sft"] and before["align"] != after["align"]
+
+
+def test_an_sft_setting_changes_sft_and_everything_after_it():
+    before, after = keys(), keys("sft.learning_rate=1e-4")
+    assert before["base"] == after["base"]
+    assert before["sft"] != after["sft"] and before["align"] != after["align"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "sft.logging_steps=7",
+        "sft.eval.num_prompts=3",
+        "sft.checkpoint_steps=9",
+        "sft.per_device_eval_batch_size=3",
+        "run.name=other",
+        "run.output_dir=/tmp/elsewhere",
+    ],
+)
+def test_settings_that_do_not_change_weights_keep_the_keys(override):
+    assert keys(override) == keys()
+
+
+@pytest.mark.parametrize(
+    "override", ["run.seed=1", "model.tiny.hidden_size=32", "peft=lora", "data.builtin.num_sft=100"]
+)
+def test_settings_that_change_weights_change_the_keys(override):
+    assert keys(override)["sft"] != keys()["sft"]
+
+
+def test_world_size_is_part_of_the_global_batch(monkeypatch):
+    before = keys()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert keys()["sft"] != before["sft"]
+
+
+def test_data_file_content_is_part_of_the_key(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(row) + "\n")
+    before = keys(f"data.sft.path={data}")
+    data.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    assert keys(f"data.sft.path={data}")["sft"] != before["sft"]
+
+
+def test_config_changes_names_dotted_keys():
+    old = {"stage": {"learning_rate": 1e-3, "beta": 0.1}, "seed": 0}
+    new = {"stage": {"learning_rate": 1e-4, "beta": 0.1}, "seed": 1}
+    assert config_changes(old, new) == ["seed", "stage.learning_rate"]
+
+
+def test_index_returns_only_a_folder_that_still_holds_the_key(tmp_path):
+    index = StageIndex(tmp_path / "cache")
+    folder = tmp_path / "run" / "sft"
+    assert index.lookup("abc") is None
+    artifacts.write_json_atomic(folder / "manifest.json", {"status": "complete", "key": "abc"})
+    index.register("abc", folder)
+    assert index.lookup("abc") == folder
+    artifacts.write_json_atomic(folder / "manifest.json", {"status": "complete", "key": "other"})
+    assert index.lookup("abc") is None
