@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from posttrain.config import Config, ConfigError, load_config
@@ -67,6 +68,32 @@ def plan_text(cfg, keys: dict[str, str]) -> str:
         lines.append(f"    key {keys[name]}: {where}")
         previous = name
     return "\n".join(lines)
+
+
+class CheckRunFolder(Callback):
+    """Registered in conf/config.yaml: before Hydra creates the run folder, a folder that cannot
+    be created (under a file, on a read-only disk) is one error line instead of a traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check_creatable(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_creatable(config, "hydra.sweep.dir")
+
+
+def _check_creatable(config: DictConfig, key: str) -> None:
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        HydraConfig.instance().set_config(config)
+        folder = Path(str(OmegaConf.select(config, key))).expanduser().absolute()
+    except Exception:  # an interpolation error: Hydra reports it in its own words
+        return
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        sys.exit(f"error: run.output_dir: cannot create {folder}: {existing} is not a writable folder")
 
 
 def load(tree: DictConfig) -> tuple[Config, dict]:

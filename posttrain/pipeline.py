@@ -138,6 +138,8 @@ def train_stage(
     if guard.requested:
         return None, {}
     metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
+    if run.checkpoint is not None:
+        metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
     if run.data.eval is not None:
         metrics.update(trainer.evaluate())
     trained = trainer.model
@@ -145,6 +147,25 @@ def train_stage(
         trained = trained.merge_and_unload()
     del trainer, ref_model
     return trained, metrics
+
+
+def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> float:
+    """The mean loss over every step of a resumed stage, as an uninterrupted run reports it.
+
+    transformers averages only the steps after the resume; the steps before it come from the
+    logged losses (each the mean of its logging interval), exact when the checkpoint step is
+    a multiple of logging_steps.
+    """
+    resumed_at = int(checkpoint.name.rsplit("-", 1)[1])
+    total, covered = 0.0, 0
+    for record in log_history:
+        if "loss" in record and covered < record["step"] <= resumed_at:
+            total += record["loss"] * (record["step"] - covered)
+            covered = record["step"]
+    if 0 < covered < resumed_at:  # steps after the last log before the checkpoint: their mean is unknown
+        total += total / covered * (resumed_at - covered)
+    after = result.global_step - resumed_at
+    return (total + result.training_loss * after) / max(result.global_step, 1)
 
 
 def save_model(run: StageRun, model: PreTrainedModel, tokenizer) -> None:

@@ -13,6 +13,7 @@ was trained, so a sweep or a re-run in a new folder finds it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -44,8 +45,15 @@ def world_size() -> int:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per process for a given size and modification time."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
@@ -213,7 +221,9 @@ def place_stage(name: str, key: str, cfg: Config, index: StageIndex) -> Placemen
         if problem is None:
             return Placement("reuse", folder)
         if folder == own.resolve():
-            raise ConfigError(f"run.output_dir: stage {name} in {folder} is damaged ({problem}); choose a new one")
+            raise ConfigError(
+                f"run.output_dir: stage {name} in {folder} is damaged ({problem}); choose a new run.output_dir"
+            )
         print(f"[posttrain] not reusing {folder}: {problem}", flush=True)
     for folder, manifest in found:
         checkpoint = artifacts.last_checkpoint(folder)

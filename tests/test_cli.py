@@ -70,3 +70,20 @@ def test_sweep_gives_each_job_its_own_run_folder(tmp_path):
     proc = posttrain("-m", "align.beta=0.1,0.2", "plan=true", f"run.output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert f"run folder: {tmp_path / '0'}" in proc.stdout and f"run folder: {tmp_path / '1'}" in proc.stdout
+
+
+def test_run_folder_that_cannot_be_created_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args in (["plan=true"], ["-m", "align.beta=0.1,0.2"]):
+        proc = posttrain(*args, f"run.output_dir={blocker}/run")
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == (
+            f"error: run.output_dir: cannot create {blocker}/run: {blocker} is not a writable folder"
+        )
+
+
+def test_show_without_a_run_folder_says_what_is_wrong(tmp_path):
+    proc = posttrain("show", str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path}: holds no posttrain stages (no manifest.json in its folders)"

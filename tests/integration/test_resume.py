@@ -116,6 +116,8 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(point, reference, tmp_pa
         assert _manifest(out / stage)["status"] == "complete"
         assert not (out / stage / "checkpoints").exists()
         assert _max_difference(out / stage, reference / stage) <= TOLERANCE, stage
+        loss, reference_loss = (_manifest(f / stage)["metrics"]["train_loss"] for f in (out, reference))
+        assert loss == pytest.approx(reference_loss, abs=1e-4), stage  # the whole stage's mean, not the tail's
     # the logged curve has each step once, as if the run had never stopped
     for stage in ("sft", "align"):
         records = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
@@ -145,6 +147,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(reference, tmp_path):
     assert _manifest(out / "sft")["attempts"][1]["resumed_from"].endswith(f"checkpoint-{step}")
     for stage in ("sft", "align"):
         assert _max_difference(out / stage, reference / stage) <= TOLERANCE, stage
+
+
+def test_same_command_with_the_default_timestamped_folder_resumes_where_it_stopped(tmp_path):
+    """Without run.output_dir each run gets a new folder: the re-run finds the stopped stage by its key."""
+    argv, env = posttrain_argv(*FAST, *CHECKPOINTS, cache_dir=tmp_path / "cache")
+    runs = tmp_path / "outputs" / "tiny_sft_dpo"
+    with (tmp_path / "log.txt").open("w") as log:
+        proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    _wait_for(lambda: any(runs.glob("*/align/checkpoints/checkpoint-4/trainer_state.json")), proc)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.1)  # the next run's timestamp differs
+
+    rerun = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    first, second = sorted(runs.iterdir())
+    assert (second / "sft").resolve() == first / "sft" and (second / "align").resolve() == first / "align"
+    summary = json.loads((second / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"].values()] == ["base", "reused", "resumed"]
+    assert _manifest(first / "align")["status"] == "complete"
 
 
 def test_changed_config_does_not_resume_an_incompatible_checkpoint(tmp_path):
