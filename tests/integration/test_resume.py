@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -231,8 +232,6 @@ def test_sweep_trains_the_shared_sft_stage_once(tmp_path):
 
 def test_damaged_or_unfinished_artifacts_are_not_reused(reference, tmp_path):
     """A copy of the reference run's cache index, pointing at copies we break on purpose."""
-    import shutil
-
     cache = tmp_path / "cache"
     shutil.copytree(reference.parent / "cache", cache, symlinks=True)
     broken = tmp_path / "broken"
@@ -267,13 +266,13 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_a_failed_save_is_one_error_and_leaves_earlier_stages_intact(tmp_path):
-    first, out, cache = tmp_path / "first", tmp_path / "run", tmp_path / "cache"
-    _rerun(first, cache)
+def test_a_failed_save_is_one_error_and_leaves_earlier_stages_intact(reference, tmp_path):
+    first, out, cache = reference, tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(reference.parent / "cache", cache, symlinks=True)  # its index points at the reference run
     before = {name: (first / "sft" / name).read_bytes() for name in ("manifest.json", "model.safetensors")}
 
     # SFT is reused from the first run; the new align stage trains, then cannot save its 3.6 MB of weights
-    args = (f"run.output_dir={out}", *FAST, "align.beta=0.3", "align.checkpoint_steps=0")
+    args = (f"run.output_dir={out}", *FAST, *CHECKPOINTS, "align.beta=0.3", "align.checkpoint_steps=0")
     argv, env = posttrain_argv(*args, cache_dir=cache)
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, preexec_fn=_file_size_limit(1_000_000))
     assert proc.returncode == 1
