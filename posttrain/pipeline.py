@@ -135,8 +135,8 @@ def train_stage(
         )
     )
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
-    if guard.requested:
-        return None, {}
+    if guard.requested and result.global_step < trainer.state.max_steps:
+        return None, {}  # stopped at a checkpoint; a signal after the last step lets the stage finish
     metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
     if run.checkpoint is not None:
         metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
@@ -221,8 +221,12 @@ def prepare_folder(run: StageRun, cfg: Config) -> None:
             shutil.rmtree(path)  # half-written, or older
     log_path = run.folder / "metrics.jsonl"
     if log_path.exists():
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        records = []
+        for line in log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line cut short by the crash
+                records.append(json.loads(line))
+        kept = [r for r in records if r["step"] < step or (r["step"] == step and "loss" in r)]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     stage_cache.link_stage(own, run.folder)
 
 

@@ -47,14 +47,20 @@ class PreemptionGuard:
             raise Preempted(f"{self.signal_name} {where}")
 
     def callback(self) -> Any:
-        """A TrainerCallback that checkpoints and stops training once a signal came."""
+        """A TrainerCallback that checkpoints and stops training once a signal came.
+
+        It also keeps a checkpoint off the last step: the pipeline saves the final model right
+        after it, and transformers resumed from a last-step checkpoint trains one step too many.
+        """
         from transformers import TrainerCallback
 
         guard = self
 
         class StopOnSignal(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if guard.requested:
+                if state.global_step >= state.max_steps:
+                    control.should_save = False
+                elif guard.requested:
                     control.should_save = True
                     control.should_training_stop = True
                 return control
