@@ -31,6 +31,10 @@ class ArtifactError(RuntimeError):
     """An artifact could not be written (full disk, unwritable folder)."""
 
 
+class GateError(RuntimeError):
+    """A stage missed a bound of its `gate`: the chain stops after it (its artifact is complete)."""
+
+
 @dataclass
 class Artifact:
     name: str

@@ -34,14 +34,18 @@ def _shorthands(argv: list[str]) -> list[str]:
     return [f"run.{a}" if a.startswith("plan=") else a for a in argv]
 
 
-def _job_output_dir(output_dir: str) -> str:
-    """In a sweep (-m) each job writes to its numbered subfolder of run.output_dir."""
+def _in_sweep() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return HydraConfig.get().runtime.output_dir
-    return output_dir
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_output_dir(output_dir: str) -> str:
+    """In a sweep (-m) each job writes to its numbered subfolder of run.output_dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if _in_sweep() else output_dir
 
 
 def plan_text(cfg, keys: dict[str, str]) -> str:
@@ -79,6 +83,18 @@ class CheckRunFolder(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _check_creatable(config, "hydra.sweep.dir")
+
+
+class SweepReport(Callback):
+    """Registered in conf/config.yaml: after the last job of a sweep, write and print its table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from posttrain.sweep_report import write_report
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir() and not config.run.plan:
+            print(write_report(sweep_dir, str(config.sweep.objective), str(config.sweep.direction)), flush=True)
+            print(f"[posttrain] sweep table: {sweep_dir / 'sweep.md'} (and sweep.csv, sweep.png)", flush=True)
 
 
 def _check_creatable(config: DictConfig, key: str) -> None:
@@ -123,7 +139,7 @@ def run(tree: DictConfig) -> dict | None:
     Exits with one line for a mistake, and with EXIT_PREEMPTED (75) after SIGTERM/SIGUSR1
     saved a checkpoint: the same command resumes.
     """
-    from posttrain.artifacts import ArtifactError
+    from posttrain.artifacts import ArtifactError, GateError
     from posttrain.locks import FileLock, LockedError
     from posttrain.preemption import EXIT_PREEMPTED, Preempted
 
@@ -144,6 +160,11 @@ def run(tree: DictConfig) -> dict | None:
         with FileLock(out / ".posttrain.lock", "run folder"):
             OmegaConf.save(OmegaConf.create(redact(container)), out / "resolved.yaml")
             return run_pipeline(cfg)
+    except GateError as e:
+        if _in_sweep():  # the sweep goes on; its table shows this run as stopped
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return None
+        sys.exit(f"error: {e}")
     except (ConfigError, DataError, ArtifactError) as e:
         sys.exit(f"error: {e}")
     except LockedError as e:

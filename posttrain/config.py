@@ -115,6 +115,28 @@ class EvalConfig:
     num_samples: int = 4
 
 
+# gate field -> the stage metric it bounds
+GATE_METRICS = {
+    "min_exact_match": "exact_match",
+    "min_reward_accuracy": "eval_rewards/accuracies",
+    "min_reward_margin": "eval_rewards/margins",
+    "max_response_loss": "response_loss",
+}
+
+
+@dataclass
+class GateConfig:
+    """Bounds a stage's metrics must meet for the chain to go on (null: no bound)."""
+
+    min_exact_match: float | None = None
+    min_reward_accuracy: float | None = None
+    min_reward_margin: float | None = None
+    max_response_loss: float | None = None
+
+    def bounds(self) -> dict[str, float]:
+        return {name: value for name in GATE_METRICS if (value := getattr(self, name)) is not None}
+
+
 @dataclass
 class StageConfig:
     """Fields every training stage has; a method's own fields live in its stage file."""
@@ -139,6 +161,7 @@ class StageConfig:
     # save a resumable checkpoint every N optimizer steps (0: only when preempted)
     checkpoint_steps: int = 500
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     trainer_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
@@ -150,6 +173,8 @@ class StageConfig:
         require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (steps, or a ratio below 1)")
         require(self.max_length is None or self.max_length > 0, f"{key}.max_length", "must be > 0 or null")
         require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"{self.checkpoint_steps} must be >= 0")
+        if self.gate.min_exact_match is not None:
+            require(self.eval.exact_match, f"{key}.gate.min_exact_match", f"needs {key}.eval.exact_match=true")
         self.data.validate(f"{key}.data")
 
 
@@ -211,6 +236,18 @@ class RunConfig:
 
 
 @dataclass
+class SweepConfig:
+    # `<stage>.<metric>` that picks the best run of a sweep (a summary column or metric key)
+    objective: str = "align.exact_match"
+    direction: str = "maximize"
+
+    def __post_init__(self) -> None:
+        directions = ("maximize", "minimize")
+        require(self.direction in directions, "sweep.direction", f"{self.direction!r} is not one of {directions}")
+        require("." in self.objective, "sweep.objective", f"{self.objective!r} is not <stage>.<metric>")
+
+
+@dataclass
 class Config:
     run: RunConfig
     model: ModelConfig
@@ -218,6 +255,7 @@ class Config:
     peft: PeftConfig
     deepspeed: DeepSpeedConfig
     logger: LoggerConfig
+    sweep: SweepConfig
     # stage name -> its config, in chain order; stages whose method is `none` are left out
     stages: dict[str, StageConfig]
 
@@ -296,6 +334,7 @@ def load_config(tree: dict) -> Config:
         "peft": PeftConfig,
         "deepspeed": DeepSpeedConfig,
         "logger": LoggerConfig,
+        "sweep": SweepConfig,
     }
     built = {name: build(cls, tree.pop(name, {}) or {}, name) for name, cls in sections.items()}
     run: RunConfig = built["run"]
@@ -311,6 +350,9 @@ def load_config(tree: dict) -> Config:
         stage = build(STAGES[method].config_cls, section, name)
         stage.validate(name)
         check_trainer_args(STAGES[method], stage, name)
+        if STAGES[method].data_kind != "preference":
+            for bound in ("min_reward_accuracy", "min_reward_margin"):
+                require(getattr(stage.gate, bound) is None, f"{name}.gate.{bound}", f"{method} has no rewards")
         allowed = ["base", "previous", *stages]
         require(
             stage.init_from in allowed,
@@ -323,4 +365,10 @@ def load_config(tree: dict) -> Config:
         require(is_stage, name, f"unknown key; allowed: {', '.join([*sections, *run.stages])}")
         require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
     require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
+    objective_stage = built["sweep"].objective.split(".")[0]
+    require(
+        objective_stage in ["base", *run.stages],
+        "sweep.objective",
+        f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
+    )
     return Config(stages=stages, **built)

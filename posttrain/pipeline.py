@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts, models, stage_cache
 from posttrain.artifacts import Artifact
-from posttrain.config import Config, ConfigError, EvalConfig, StageConfig
+from posttrain.config import GATE_METRICS, Config, ConfigError, EvalConfig, StageConfig
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import StageData, load_stage_data
 from posttrain.locks import FileLock
@@ -387,6 +387,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         results = {"base": {"method": "base", "status": "base", "metrics": base_metrics, "path": base_source}}
         replies = {"base": base_replies}
 
+        gate_error = None
         done: dict[str, Artifact] = {"base": Artifact("base", base_source, keys["base"])}
         previous = done["base"]
         for name, stage in cfg.stages.items():
@@ -396,9 +397,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             status, metrics, replies[name] = reuse_or_run(run, cfg, tokenizer, eval_rows, guard, timings)
             results[name] = {"method": stage.method, "status": status, "metrics": metrics, "path": str(run.folder)}
             done[name] = previous = Artifact(name, str(run.folder), run.key)
+            if missed := missed_gate(name, stage, metrics):
+                gate_error = f"{missed}; the chain stops after {name} (its model is complete in {run.folder})"
+                break
 
     first_stage = next(iter(cfg.stages.values()))
     summary = {
+        "status": f"stopped: {gate_error}" if gate_error else "complete",
         "stages": results,
         "samples": _side_by_side(replies, first_stage.eval.num_samples),
         "timings_s": timings,
@@ -407,7 +412,22 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     artifacts.write_json_atomic(out / "summary.json", summary)
     print(format_table(cfg, results))
     log(f"done in {summary['total_s']:.0f}s; summary: {out / 'summary.json'}")
+    if gate_error:
+        raise artifacts.GateError(gate_error)
     return summary
+
+
+def missed_gate(name: str, stage: StageConfig, metrics: dict[str, float]) -> str | None:
+    """The first bound of `stage.gate` that the stage's metrics miss, in words, or None."""
+    for bound, limit in stage.gate.bounds().items():
+        value = metrics.get(GATE_METRICS[bound])
+        if value is None:
+            return f"{name}.gate.{bound}: the stage reported no {GATE_METRICS[bound]}"
+        lower = bound.startswith("min_")
+        if (value < limit) if lower else (value > limit):
+            metric, relation = GATE_METRICS[bound], "<" if lower else ">"
+            return f"stage {name} missed its gate: {metric} {value:.4g} {relation} {name}.gate.{bound}={limit:g}"
+    return None
 
 
 def _side_by_side(replies: dict[str, list[dict]], count: int) -> list[dict]:

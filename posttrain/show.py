@@ -104,4 +104,6 @@ def main(argv: list[str]) -> int | str:
     if not any(_stage_names(r) for r in runs):
         return f"error: {run_dir}: holds no posttrain stages (no manifest.json in its folders)"
     print("\n\n".join(describe(r) for r in runs))
+    if (run_dir / "sweep.md").exists():
+        print(f"\n{(run_dir / 'sweep.md').read_text()}", end="")
     return 0

@@ -214,22 +214,6 @@ def test_concurrent_run_into_the_same_folder_is_refused(tmp_path):
         first.wait()
 
 
-def test_sweep_trains_the_shared_sft_stage_once(tmp_path):
-    out, cache = tmp_path / "sweep", tmp_path / "cache"
-    proc = run_posttrain("-m", "align.beta=0.05,0.1,0.5", f"run.output_dir={out}", *FAST, cache_dir=cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("stage sft (sft) starting from base") == 1
-    assert proc.stdout.count("stage sft (sft): reusing complete artifact") == 2
-    assert proc.stdout.count("stage align (dpo) starting from sft") == 3
-    assert proc.stdout.count("base model metrics reused") == 2
-    sft_folders = {(out / str(job) / "sft").resolve() for job in range(3)}
-    assert sft_folders == {out / "0" / "sft"}
-    betas = [_manifest(out / str(job) / "align")["config"]["beta"] for job in range(3)]
-    assert betas == [0.05, 0.1, 0.5]
-    show = subprocess.run(posttrain_argv("show", str(out), cache_dir=cache)[0], capture_output=True, text=True)
-    assert show.returncode == 0 and show.stdout.count("complete") == 6
-
-
 def test_damaged_or_unfinished_artifacts_are_not_reused(reference, tmp_path):
     """A copy of the reference run's cache index, pointing at copies we break on purpose."""
     cache = tmp_path / "cache"

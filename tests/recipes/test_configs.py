@@ -87,6 +87,13 @@ BAD = [
     (["align.loss_type=[sigmoid,foo]"], "align.loss_type: unknown 'foo'; allowed: sigmoid"),
     (["model.dtype=fp8"], "model.dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),
     (["sft=none", "align=none"], "run.stages: no stage runs"),
+    (["+sft.gate.min_reward_accuracy=0.5"], "sft.gate.min_reward_accuracy: sft has no rewards"),
+    (
+        ["sft.eval.exact_match=false", "sft.gate.min_exact_match=0.5"],
+        "sft.gate.min_exact_match: needs sft.eval.exact_match",
+    ),
+    (["sweep.direction=up"], "sweep.direction: 'up' is not one of ('maximize', 'minimize')"),
+    (["sweep.objective=dpo.exact_match"], "sweep.objective: 'dpo' is not a stage; allowed: base, sft, align"),
     (
         ["data.builtin.tasks=[add,divide]"],
         "data.builtin.tasks: unknown task 'divide'; allowed: add, reverse, sort, count",
