@@ -206,9 +206,25 @@ class DeepSpeedConfig:
 @dataclass
 class LoggerConfig:
     backend: str = "none"
+    # wandb only
+    project: str = "posttrain"
+    entity: str | None = None
+    # null: the run folder's name (a sweep's folder name for all its runs)
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # auto: online when an API key is known, else offline
+    mode: str = "auto"
 
     def __post_init__(self) -> None:
-        require(self.backend == "none", "logger.backend", f"{self.backend!r} is not one of none")
+        import importlib.util
+
+        backends = ("none", "wandb", "tensorboard")
+        require(self.backend in backends, "logger.backend", f"{self.backend!r} is not one of {', '.join(backends)}")
+        modes = ("auto", "online", "offline", "disabled")
+        require(self.mode in modes, "logger.mode", f"{self.mode!r} is not one of {', '.join(modes)}")
+        if self.backend == "tensorboard":
+            found = importlib.util.find_spec("tensorboard") is not None
+            require(found, "logger.backend", "tensorboard is not installed: pip install tensorboard")
 
 
 @dataclass

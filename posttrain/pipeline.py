@@ -29,6 +29,7 @@ from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.stages import STAGES
 from posttrain.stages.base import TrainerInputs, lora_config, metrics_logger, training_args
 from posttrain.summary import format_table
+from posttrain.tracking import StageTracker
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -111,7 +112,7 @@ class StageRun:
 
 
 def train_stage(
-    run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard
+    run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard, callbacks: list
 ) -> tuple[PreTrainedModel | None, dict[str, float]]:
     """Train one stage from its parent (or its checkpoint); return the trained, LoRA-merged model
     and the trainer's metrics, or (None, {}) when a preemption signal stopped it at a checkpoint."""
@@ -131,7 +132,7 @@ def train_stage(
             eval_dataset=run.data.eval,
             args=training_args(run.stage, cfg, run.folder),
             peft_config=peft_config,
-            callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback()],
+            callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
         )
     )
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
@@ -242,18 +243,22 @@ def run_stage(
     artifacts.write_json_atomic(manifest_path, stage_manifest(run, cfg, "running", attempts=attempts))
     index.register(run.key, run.folder)
     timings = {}
+    tracked = stage_manifest(run, cfg, "running")
+    tracker = StageTracker(cfg.logger, run.name, cfg.run.output_path, run.folder, tracked)
     try:
-        model, metrics = train_stage(run, cfg, tokenizer, guard)
-        timings[f"train:{run.name}"] = time.time() - started
-        if model is None:
-            checkpoint = artifacts.last_checkpoint(run.folder)
-            manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
-            artifacts.write_json_atomic(manifest_path, manifest)
-            raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
-        t = time.time()
-        eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
-        metrics.update(eval_metrics)
-        timings[f"eval:{run.name}"] = time.time() - t
+        with tracker:
+            model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
+            timings[f"train:{run.name}"] = time.time() - started
+            if model is None:
+                checkpoint = artifacts.last_checkpoint(run.folder)
+                manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
+                artifacts.write_json_atomic(manifest_path, manifest)
+                raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
+            t = time.time()
+            eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
+            metrics.update(eval_metrics)
+            tracker.log_final(metrics, int(metrics.get("train_steps", 0)))
+            timings[f"eval:{run.name}"] = time.time() - t
         t = time.time()
         save_model(run, model, tokenizer)
         shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
