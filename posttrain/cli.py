@@ -175,8 +175,12 @@ def run(tree: DictConfig) -> dict | None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def _hydra_main(tree: DictConfig) -> None:
-    run(tree)
+def _hydra_main(tree: DictConfig) -> float | None:
+    """Returns sweep.objective's value: what an Optuna sweep (hydra/sweeper=posttrain_optuna) optimises."""
+    from posttrain.sweep_report import objective_value
+
+    summary = run(tree)
+    return objective_value(summary, str(tree.sweep.objective)) if summary else None
 
 
 def main() -> None:

@@ -73,6 +73,15 @@ def objective_column(objective: str) -> str:
     return f"{stage}.{METRICS.get(metric, metric)}"
 
 
+def objective_value(summary: dict, objective: str) -> float | None:
+    """`objective` (`<stage>.<metric or column>`) read from one run's summary."""
+    stage, _, metric = objective.partition(".")
+    metrics = summary.get("stages", {}).get(stage, {}).get("metrics", {})
+    key = next((k for k, column in METRICS.items() if column == metric), metric)
+    value = metrics.get(key, metrics.get(metric))
+    return float(value) if isinstance(value, int | float) else None
+
+
 def best_run(runs: list[SweepRun], objective: str, direction: str) -> SweepRun | None:
     column = objective_column(objective)
     scored = [r for r in runs if isinstance(r.metrics.get(column), float) and not math.isnan(r.metrics[column])]

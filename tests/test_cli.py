@@ -87,3 +87,11 @@ def test_show_without_a_run_folder_says_what_is_wrong(tmp_path):
     proc = posttrain("show", str(tmp_path))
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: {tmp_path}: holds no posttrain stages (no manifest.json in its folders)"
+
+
+def test_slurm_sweep_launcher_composes():
+    proc = posttrain("hydra/launcher=posttrain_slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
+    assert proc.returncode == 0, proc.stderr
+    launcher = proc.stdout.split("\n  launcher:\n", 1)[1]
+    assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in launcher
+    assert "partition: gpu" in launcher and "max_num_timeout: 3" in launcher

@@ -93,3 +93,32 @@ def test_gate_stops_the_chain_with_one_line(tmp_path):
         "base",
         "sft",
     ]
+
+
+def test_optuna_search_picks_the_best_trial_by_the_named_metric(sweep, tmp_path):
+    from omegaconf import OmegaConf
+
+    _, cache, _ = sweep  # SFT comes from the grid sweep's cache
+    out = tmp_path / "search"
+    proc = run_posttrain(
+        "-m",
+        "hydra/sweeper=posttrain_optuna",
+        "hydra.sweeper.n_trials=3",
+        f"run.output_dir={out}",
+        *FAST,
+        "align.beta=interval(0.05,0.5)",
+        "sweep.objective=align.reward_margin",
+        cache_dir=cache,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    margins = {
+        job: json.loads((out / str(job) / "summary.json").read_text())["stages"]["align"]["metrics"] for job in range(3)
+    }
+    margins = {job: m["eval_rewards/margins"] for job, m in margins.items()}
+    best_job = max(margins, key=margins.get)
+    result = OmegaConf.load(out / "optimization_results.yaml")
+    assert result.best_value == pytest.approx(margins[best_job])
+    beta = _manifest(out / str(best_job) / "align")["config"]["beta"]
+    assert result.best_params["align.beta"] == pytest.approx(beta)
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["run"] for r in rows if r["best"] == "*"] == [str(best_job)]
