@@ -27,8 +27,14 @@ from posttrain.locks import FileLock
 from posttrain.plots import plot_curves
 from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.stages import STAGES
-from posttrain.stages.base import TrainerInputs, lora_config, metrics_logger, training_args
-from posttrain.summary import format_table
+from posttrain.stages.base import (
+    TrainerInputs,
+    lora_config,
+    metrics_logger,
+    training_args,
+    use_stage_progress_bar,
+)
+from posttrain.summary import format_samples, format_table
 from posttrain.tracking import StageTracker
 
 if TYPE_CHECKING:
@@ -135,6 +141,7 @@ def train_stage(
             callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
         )
     )
+    use_stage_progress_bar(trainer, run.name)
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     if guard.requested and result.global_step < trainer.state.max_steps:
         return None, {}  # stopped at a checkpoint; a signal after the last step lets the stage finish
@@ -415,6 +422,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         "total_s": time.time() - t0,
     }
     artifacts.write_json_atomic(out / "summary.json", summary)
+    (out / "samples.md").write_text(format_samples(summary["samples"]))
     print(format_table(cfg, results))
     log(f"done in {summary['total_s']:.0f}s; summary: {out / 'summary.json'}")
     if gate_error:

@@ -46,3 +46,17 @@ def format_table(cfg: Config, results: dict[str, dict]) -> str:
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def format_samples(samples: list[dict[str, str]]) -> str:
+    """Held-out prompts with the reference and every stage's greedy reply, as a markdown table."""
+    if not samples:
+        return "No held-out prompts were evaluated.\n"
+    header = list(samples[0])
+
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in header) + " |" for row in samples]
+    return "\n".join(lines) + "\n"

@@ -143,6 +143,31 @@ def metrics_logger(path: Path) -> Any:
     return MetricsLogger()
 
 
+# training-log keys shown beside a stage's progress bar
+PROGRESS_KEYS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "reward_acc", "learning_rate": "lr"}
+
+
+def use_stage_progress_bar(trainer: Trainer, stage: str) -> None:
+    """Replace transformers' progress bar (which prints every log dict) with one per stage that
+    shows step, ETA and the latest loss (and reward margin/accuracy) beside the bar."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class StageProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(stage)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {name: f"{logs[key]:.3g}" for key, name in PROGRESS_KEYS.items() if key in logs}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(StageProgress())
+
+
 def lora_config(run_cfg: Config) -> Any:
     """A fresh peft.LoraConfig for one trainer, or None when `peft=none`."""
     if run_cfg.peft.method == "none":

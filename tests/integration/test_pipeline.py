@@ -85,6 +85,8 @@ def test_summary_has_metrics_of_every_stage(finished_run):
     assert summary["stages"]["sft"]["metrics"]["response_loss"] < summary["stages"]["base"]["metrics"]["response_loss"]
     assert "| stage" in proc.stdout and "reward_acc" in proc.stdout
     assert len(summary["samples"]) == 4 and set(summary["samples"][0]) >= {"prompt", "base", "sft", "align"}
+    samples = (out / "samples.md").read_text().splitlines()
+    assert samples[0] == "| prompt | reference | base | sft | align |" and len(samples) == 2 + 4
 
 
 def test_final_model_loads_and_generates(finished_run):
