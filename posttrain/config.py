@@ -113,11 +113,21 @@ class EvalConfig:
     num_loss_rows: int = 200
     # completions written side by side into summary.json
     num_samples: int = 4
+    # who compares this stage's replies with its parent's (win_rate_vs_parent): null, exact_match
+    # (a correct reply beats a wrong one), or a function `module:function(prompts, replies, parent_replies)`
+    # returning one score per prompt in [0, 1] (1: this stage's reply wins, 0.5: a tie)
+    judge: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.judge not in (None, "exact_match"):
+            module, _, function = self.judge.partition(":")
+            require(bool(module and function), "eval.judge", f"{self.judge!r} is not exact_match or module:function")
 
 
 # gate field -> the stage metric it bounds
 GATE_METRICS = {
     "min_exact_match": "exact_match",
+    "min_win_rate": "win_rate_vs_parent",
     "min_reward_accuracy": "eval_rewards/accuracies",
     "min_reward_margin": "eval_rewards/margins",
     "max_response_loss": "response_loss",
@@ -129,6 +139,7 @@ class GateConfig:
     """Bounds a stage's metrics must meet for the chain to go on (null: no bound)."""
 
     min_exact_match: float | None = None
+    min_win_rate: float | None = None
     min_reward_accuracy: float | None = None
     min_reward_margin: float | None = None
     max_response_loss: float | None = None
@@ -175,6 +186,8 @@ class StageConfig:
         require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"{self.checkpoint_steps} must be >= 0")
         if self.gate.min_exact_match is not None:
             require(self.eval.exact_match, f"{key}.gate.min_exact_match", f"needs {key}.eval.exact_match=true")
+        if self.gate.min_win_rate is not None:
+            require(bool(self.eval.judge), f"{key}.gate.min_win_rate", f"needs a judge: {key}.eval.judge")
         self.data.validate(f"{key}.data")
 
 

@@ -95,9 +95,11 @@ def evaluate_model(
     replies: list[dict] = []
     if models.marks_assistant_tokens(tokenizer):
         metrics["response_loss"] = response_loss(model, tokenizer, rows, eval_cfg)
-    if eval_cfg.exact_match:
-        metrics["exact_match"], replies = exact_match(model, tokenizer, rows, eval_cfg)
-        metrics.update(accuracy_by_task(replies))
+    if eval_cfg.exact_match or eval_cfg.judge:  # a judge compares generated replies too
+        score, replies = exact_match(model, tokenizer, rows, eval_cfg)
+        if eval_cfg.exact_match:
+            metrics["exact_match"] = score
+            metrics.update(accuracy_by_task(replies))
     return metrics, replies
 
 
@@ -407,6 +409,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             parent = previous if stage.init_from == "previous" else done[stage.init_from]
             run = StageRun(name, stage, keys[name], parent, data[name], out / name)
             status, metrics, replies[name] = reuse_or_run(run, cfg, tokenizer, eval_rows, guard, timings)
+            if stage.eval.judge:
+                metrics = {**metrics, **judged(name, stage, parent.name, replies)}
             results[name] = {"method": stage.method, "status": status, "metrics": metrics, "path": str(run.folder)}
             done[name] = previous = Artifact(name, str(run.folder), run.key)
             if missed := missed_gate(name, stage, metrics):
@@ -428,6 +432,18 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     if gate_error:
         raise artifacts.GateError(gate_error)
     return summary
+
+
+def judged(name: str, stage: StageConfig, parent: str, replies: dict[str, list[dict]]) -> dict[str, float]:
+    """win_rate_vs_parent by the stage's judge, when both it and its parent generated replies."""
+    from posttrain.evaluate import win_rate
+
+    rate = win_rate(stage.eval.judge, replies.get(name, []), replies.get(parent, []))
+    if rate is None:
+        log(f"stage {name}: no win rate: {parent} has no replies to the same prompts (set {parent}.eval.judge too)")
+        return {}
+    log(f"stage {name}: win rate over {parent} by {stage.eval.judge}: {rate:.3f}")
+    return {"win_rate_vs_parent": rate}
 
 
 def missed_gate(name: str, stage: StageConfig, metrics: dict[str, float]) -> str | None:

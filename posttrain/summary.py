@@ -12,6 +12,7 @@ COLUMNS = (
     ("response_loss", "response_loss"),
     ("train_loss", "train_loss"),
     ("train_runtime", "train_s"),
+    ("win_rate_vs_parent", "win_rate"),
 )
 
 

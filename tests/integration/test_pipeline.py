@@ -21,9 +21,21 @@ def posttrain(*args: str, cache_dir) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module", params=["dpo", "orpo"])
 def finished_run(request, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
-    proc = posttrain(f"align={request.param}", f"run.output_dir={out}", *FAST, cache_dir=cache_dir)
+    args = (f"align={request.param}", f"run.output_dir={out}", *FAST, "align.eval.judge=exact_match")
+    proc = posttrain(*args, cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return request.param, out, proc
+
+
+def test_win_rate_over_the_parent_is_judged_on_the_same_prompts(finished_run):
+    _, out, proc = finished_run
+    sft = {r["prompt"]: r["correct"] for r in _manifest(out / "sft")["replies"]}
+    align = {r["prompt"]: r["correct"] for r in _manifest(out / "align")["replies"]}
+    assert sft.keys() == align.keys() and len(sft) == 16
+    expected = sum(0.5 + 0.5 * (align[p] - sft[p]) for p in sft) / len(sft)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["align"]["metrics"]["win_rate_vs_parent"] == pytest.approx(expected)
+    assert "win_rate" in proc.stdout and "win rate over sft by exact_match" in proc.stdout
 
 
 def _manifest(folder):
