@@ -138,3 +138,23 @@ def win_rate(judge: str, records: list[dict[str, Any]], parent_records: list[dic
         if not all(isinstance(x, int | float) and 0 <= x <= 1 for x in scores):
             raise ConfigError(f"eval.judge {judge}: scores must be numbers in [0, 1]")
     return sum(scores) / len(scores)
+
+
+def evaluate_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset | None, eval_cfg: EvalConfig
+) -> tuple[dict[str, float], list[dict]]:
+    """Response loss and exact match (with every reply) on the held-out conversations."""
+    from posttrain import models
+
+    if rows is None:
+        return {}, []
+    metrics: dict[str, float] = {}
+    replies: list[dict] = []
+    if models.marks_assistant_tokens(tokenizer):
+        metrics["response_loss"] = response_loss(model, tokenizer, rows, eval_cfg)
+    if eval_cfg.exact_match or eval_cfg.judge:  # a judge compares generated replies too
+        score, replies = exact_match(model, tokenizer, rows, eval_cfg)
+        if eval_cfg.exact_match:
+            metrics["exact_match"] = score
+            metrics.update(accuracy_by_task(replies))
+    return metrics, replies

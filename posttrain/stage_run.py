@@ -1,0 +1,227 @@
+"""One stage of a run: train it from its parent (or resume its checkpoint), evaluate it, save
+it, and keep its manifest's status true at every point (running, interrupted, failed, complete).
+
+    metrics, replies, timings = run_stage(StageRun(...), cfg, tokenizer, eval_rows, guard, index)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posttrain import artifacts, models, stage_cache
+from posttrain.artifacts import Artifact
+from posttrain.config import Config, StageConfig
+from posttrain.data.load import StageData
+from posttrain.evaluate import evaluate_model
+from posttrain.plots import plot_curves
+from posttrain.preemption import Preempted, PreemptionGuard
+from posttrain.stages import STAGES
+from posttrain.stages.base import (
+    TrainerInputs,
+    lora_config,
+    metrics_logger,
+    training_args,
+    use_stage_progress_bar,
+)
+from posttrain.tracking import StageTracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+@dataclass
+class StageRun:
+    """One stage of this run: its config, key, parent, and the folder its artifact lives in."""
+
+    name: str
+    stage: StageConfig
+    key: str
+    parent: Artifact
+    data: StageData
+    folder: Path
+    checkpoint: Path | None = None
+
+
+def train_stage(
+    run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard, callbacks: list
+) -> tuple[PreTrainedModel | None, dict[str, float]]:
+    """Train one stage from its parent (or its checkpoint); return the trained, LoRA-merged model
+    and the trainer's metrics, or (None, {}) when a preemption signal stopped it at a checkpoint."""
+    spec = STAGES[run.stage.method]
+    model = models.load_model(run.parent.source, cfg.model)
+    peft_config = lora_config(cfg)
+    # With LoRA the reference is the policy with its adapter disabled: no second copy.
+    use_ref = spec.uses_reference and peft_config is None
+    ref_model = models.load_model(run.parent.source, cfg.model) if use_ref else None
+    trainer = spec.make_trainer(
+        TrainerInputs(
+            cfg=run.stage,
+            model=model,
+            ref_model=ref_model,
+            tokenizer=tokenizer,
+            train_dataset=run.data.train,
+            eval_dataset=run.data.eval,
+            args=training_args(run.stage, cfg, run.folder),
+            peft_config=peft_config,
+            callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
+        )
+    )
+    use_stage_progress_bar(trainer, run.name)
+    result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    if guard.requested and result.global_step < trainer.state.max_steps:
+        return None, {}  # stopped at a checkpoint; a signal after the last step lets the stage finish
+    metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
+    if run.checkpoint is not None:
+        metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
+    if run.data.eval is not None:
+        metrics.update(trainer.evaluate())
+    trained = trainer.model
+    if peft_config is not None:
+        trained = trained.merge_and_unload()
+    del trainer, ref_model
+    return trained, metrics
+
+
+def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> float:
+    """The mean loss over every step of a resumed stage, as an uninterrupted run reports it.
+
+    transformers averages only the steps after the resume; the steps before it come from the
+    logged losses (each the mean of its logging interval), exact when the checkpoint step is
+    a multiple of logging_steps.
+    """
+    resumed_at = int(checkpoint.name.rsplit("-", 1)[1])
+    total, covered = 0.0, 0
+    for record in log_history:
+        if "loss" in record and covered < record["step"] <= resumed_at:
+            total += record["loss"] * (record["step"] - covered)
+            covered = record["step"]
+    if 0 < covered < resumed_at:  # steps after the last log before the checkpoint: their mean is unknown
+        total += total / covered * (resumed_at - covered)
+    after = result.global_step - resumed_at
+    return (total + result.training_loss * after) / max(result.global_step, 1)
+
+
+def save_model(run: StageRun, model: PreTrainedModel, tokenizer) -> None:
+    """Model, tokenizer and training curves; a failed write (full disk) is one clear error."""
+    from safetensors import SafetensorError
+
+    try:
+        model.save_pretrained(run.folder, safe_serialization=True)
+        tokenizer.save_pretrained(run.folder)
+        plot_curves(run.folder / "metrics.jsonl", run.folder / "curves.png", f"{run.name} ({run.stage.method})")
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise artifacts.ArtifactError(
+            f"saving stage {run.name} to {run.folder} failed: {reason}; it is not marked complete and "
+            "earlier stages are intact: free space (or fix the folder) and re-run the same command"
+        ) from None
+
+
+def stage_manifest(run: StageRun, cfg: Config, status: str, **fields) -> dict[str, Any]:
+    """Everything needed to trust (and reproduce) an artifact: config, lineage, data, versions."""
+    return {
+        "status": status,
+        "stage": run.name,
+        "method": run.stage.method,
+        "key": run.key,
+        "content": stage_cache.stage_content(run.stage, cfg),
+        "config": dataclasses.asdict(run.stage),
+        "parent": {"name": run.parent.name, "key": run.parent.key, "source": run.parent.source},
+        "data": {
+            "origin": run.data.origin,
+            "fingerprint": stage_cache.data_fingerprint(run.stage.data, cfg.data.builtin),
+            "train_rows": len(run.data.train),
+            "eval_rows": len(run.data.eval) if run.data.eval is not None else 0,
+        },
+        **artifacts.provenance(),
+        **fields,
+    }
+
+
+def prepare_folder(run: StageRun, cfg: Config) -> None:
+    """A fresh folder for a new attempt; for a resumed one, drop what came after its checkpoint."""
+    own = cfg.run.output_path / run.name
+    if run.checkpoint is None:
+        if own.is_symlink():
+            own.unlink()
+        elif own.exists():
+            shutil.rmtree(own)  # an unfinished attempt: place_stage never trains over a complete one
+        own.mkdir(parents=True)
+        return
+    step = int(run.checkpoint.name.rsplit("-", 1)[1])
+    for path in (run.folder / "checkpoints").glob("checkpoint-*"):
+        if path != run.checkpoint:
+            shutil.rmtree(path)  # half-written, or older
+    log_path = run.folder / "metrics.jsonl"
+    if log_path.exists():
+        records = []
+        for line in log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line cut short by the crash
+                records.append(json.loads(line))
+        kept = [r for r in records if r["step"] < step or (r["step"] == step and "loss" in r)]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    stage_cache.link_stage(own, run.folder)
+
+
+def run_stage(
+    run: StageRun, cfg: Config, tokenizer, eval_rows, guard: PreemptionGuard, index: stage_cache.StageIndex
+) -> tuple[dict[str, float], list[dict], dict[str, float]]:
+    """Train, evaluate and save one stage; the manifest says running, then interrupted/failed/complete."""
+    prepare_folder(run, cfg)
+    manifest_path = run.folder / artifacts.MANIFEST
+    started = time.time()
+    previous = artifacts.read_manifest(run.folder) if run.checkpoint else None
+    attempts = [*(previous or {}).get("attempts", []), {"started": started, "resumed_from": run.checkpoint}]
+    artifacts.write_json_atomic(manifest_path, stage_manifest(run, cfg, "running", attempts=attempts))
+    index.register(run.key, run.folder)
+    timings = {}
+    tracked = stage_manifest(run, cfg, "running")
+    tracker = StageTracker(cfg.logger, run.name, cfg.run.output_path, run.folder, tracked)
+    try:
+        with tracker:
+            model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
+            timings[f"train:{run.name}"] = time.time() - started
+            if model is None:
+                checkpoint = artifacts.last_checkpoint(run.folder)
+                manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
+                artifacts.write_json_atomic(manifest_path, manifest)
+                raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
+            t = time.time()
+            eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
+            metrics.update(eval_metrics)
+            tracker.log_final(metrics, int(metrics.get("train_steps", 0)))
+            timings[f"eval:{run.name}"] = time.time() - t
+        t = time.time()
+        save_model(run, model, tokenizer)
+        shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
+        del model
+        gc.collect()
+        attempts[-1]["finished"] = time.time()
+        manifest = stage_manifest(
+            run,
+            cfg,
+            "complete",
+            attempts=attempts,
+            metrics=metrics,
+            eval_key=stage_cache.eval_key(run.stage, cfg),
+            replies=replies,
+            files=artifacts.file_sizes(run.folder),
+        )
+        artifacts.write_json_atomic(manifest_path, manifest)
+        timings[f"save:{run.name}"] = time.time() - t
+        return metrics, replies, timings
+    except (Preempted, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        failed = stage_manifest(run, cfg, "failed", attempts=attempts, error=f"{type(e).__name__}: {e}"[:2000])
+        with contextlib.suppress(OSError):
+            artifacts.write_json_atomic(manifest_path, failed)
+        raise
