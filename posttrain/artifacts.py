@@ -97,16 +97,20 @@ def damage(folder: Path, manifest: dict) -> str | None:
     return None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step of a transformers checkpoint folder (`checkpoint-<step>`)."""
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
 def last_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint that was fully written (its trainer_state.json, written last, parses)."""
-    found = []
-    for path in (folder / "checkpoints").glob("checkpoint-*"):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            found.append((int(path.name.rsplit("-", 1)[1]), path))
-        except (OSError, ValueError):
-            continue
-    return max(found)[1] if found else None
+    written = [p for p in (folder / "checkpoints").glob("checkpoint-*") if read_json(p / "trainer_state.json")]
+    return max(written, key=checkpoint_step, default=None)
+
+
+def world_size() -> int:
+    """Processes training together (set by torchrun and the deepspeed launcher; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def provenance() -> dict[str, Any]:
@@ -115,7 +119,7 @@ def provenance() -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "hosts": int(os.environ.get("SLURM_NNODES") or os.environ.get("NNODES") or 1),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": world_size(),
         "recipe_commit": recipe_commit(),
         "versions": library_versions(),
     }

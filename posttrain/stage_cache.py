@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +34,6 @@ NOT_IN_KEY = ("logging_steps", "eval", "per_device_eval_batch_size", "checkpoint
 
 def hash_json(content: Any) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # --- data fingerprints ------------------------------------------------------------------
@@ -96,7 +91,7 @@ def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
         "model": dataclasses.asdict(cfg.model),
         "peft": dataclasses.asdict(cfg.peft),
         "seed": cfg.run.seed,
-        "world_size": world_size(),
+        "world_size": artifacts.world_size(),
     }
 
 

@@ -97,7 +97,7 @@ def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> f
     logged losses (each the mean of its logging interval), exact when the checkpoint step is
     a multiple of logging_steps.
     """
-    resumed_at = int(checkpoint.name.rsplit("-", 1)[1])
+    resumed_at = artifacts.checkpoint_step(checkpoint)
     total, covered = 0.0, 0
     for record in log_history:
         if "loss" in record and covered < record["step"] <= resumed_at:
@@ -156,7 +156,7 @@ def prepare_folder(run: StageRun, cfg: Config) -> None:
             shutil.rmtree(own)  # an unfinished attempt: place_stage never trains over a complete one
         own.mkdir(parents=True)
         return
-    step = int(run.checkpoint.name.rsplit("-", 1)[1])
+    step = artifacts.checkpoint_step(run.checkpoint)
     for path in (run.folder / "checkpoints").glob("checkpoint-*"):
         if path != run.checkpoint:
             shutil.rmtree(path)  # half-written, or older
@@ -180,11 +180,11 @@ def run_stage(
     started = time.time()
     previous = artifacts.read_manifest(run.folder) if run.checkpoint else None
     attempts = [*(previous or {}).get("attempts", []), {"started": started, "resumed_from": run.checkpoint}]
-    artifacts.write_json_atomic(manifest_path, stage_manifest(run, cfg, "running", attempts=attempts))
+    running = stage_manifest(run, cfg, "running", attempts=attempts)
+    artifacts.write_json_atomic(manifest_path, running)
     index.register(run.key, run.folder)
     timings = {}
-    tracked = stage_manifest(run, cfg, "running")
-    tracker = StageTracker(cfg.logger, run.name, cfg.run.output_path, run.folder, tracked)
+    tracker = StageTracker(cfg.logger, run.name, cfg.run.output_path, run.folder, running)
     try:
         with tracker:
             model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())

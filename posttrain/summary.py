@@ -40,10 +40,15 @@ def format_table(cfg: Config, results: dict[str, dict]) -> str:
         [name, r["method"], r.get("status", "-"), *(_cell(r["metrics"].get(key)) for key, _ in columns)]
         for name, r in results.items()
     ]
+    return markdown_table(header, rows)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table with padded columns, readable as plain text too."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])

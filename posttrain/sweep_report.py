@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.summary import markdown_table
+
 # summary.json metric keys shown per stage, with their column names (also accepted in sweep.objective)
 METRICS = {
     "exact_match": "exact_match",
@@ -114,16 +116,6 @@ def table(runs: list[SweepRun], objective: str, direction: str) -> tuple[list[st
     return header, rows
 
 
-def markdown(header: list[str], rows: list[list[Any]]) -> str:
-    rows = [[_cell(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
 def plot(runs: list[SweepRun], objective: str, direction: str, out: Path) -> Path | None:
     """The objective against the first swept value, one line per combination of the others."""
     import matplotlib
@@ -179,7 +171,7 @@ def write_report(sweep_dir: Path, objective: str, direction: str) -> str:
     """Write sweep.md, sweep.csv and sweep.png into `sweep_dir`; return the markdown table."""
     runs = collect(sweep_dir)
     header, rows = table(runs, objective, direction)
-    text = markdown(header, rows)
+    text = markdown_table(header, [[_cell(c) for c in row] for row in rows])
     best = best_run(runs, objective, direction)
     verdict = (
         f"best: run {best.folder.name} ({', '.join(f'{k}={v}' for k, v in best.params.items())}), "
