@@ -48,6 +48,15 @@ def _job_output_dir(output_dir: str) -> str:
     return HydraConfig.get().runtime.output_dir if _in_sweep() else output_dir
 
 
+def describe_data(data) -> str:
+    """`path [split]` of each source, with its weight or row count in a mixture."""
+    parts = []
+    for src in data.source_list():
+        share = f" x{src.weight:g}" if src.weight is not None else f" {src.rows} rows" if src.rows else ""
+        parts.append(f"{src.path} [{src.split}]{share}")
+    return " + ".join(parts)
+
+
 def plan_text(cfg, keys: dict[str, str]) -> str:
     """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
     from posttrain.stage_cache import StageIndex, place_stage
@@ -60,7 +69,7 @@ def plan_text(cfg, keys: dict[str, str]) -> str:
         micro, accum = stage.per_device_train_batch_size, stage.gradient_accumulation_steps
         length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
         lines.append(
-            f"  {name}: {stage.method} from {parent}, data {stage.data.path} [{stage.data.split}], "
+            f"  {name}: {stage.method} from {parent}, data {describe_data(stage.data)}, "
             f"lr {stage.learning_rate:g}, batch {micro}x{accum}, {length}"
         )
         placement = place_stage(name, keys[name], cfg, index)

@@ -16,7 +16,8 @@ from posttrain import artifacts, models, stage_cache
 from posttrain.artifacts import Artifact
 from posttrain.config import GATE_METRICS, Config, ConfigError, StageConfig
 from posttrain.data.builtin import write_tasks
-from posttrain.data.load import StageData, load_stage_data
+from posttrain.data.load import DataError, StageData, load_stage_data
+from posttrain.data.report import format_report, plot_lengths
 from posttrain.evaluate import evaluate_model
 from posttrain.locks import FileLock
 from posttrain.preemption import PreemptionGuard
@@ -36,18 +37,30 @@ def log(message: str) -> None:
 
 
 def _uses_builtin(cfg: Config) -> bool:
-    return any(s.data.path.startswith("builtin:") for s in cfg.stages.values())
+    return any(src.path.startswith("builtin:") for s in cfg.stages.values() for src in s.data.source_list())
 
 
-def load_all_data(cfg: Config) -> dict[str, StageData]:
+def load_all_data(cfg: Config, tokenizer) -> dict[str, StageData]:
+    """Every stage's rows, checked and curated before any model is loaded; the data report is
+    printed and written into the run folder."""
     builtin_folder = Path()
     if _uses_builtin(cfg):
         spec = cfg.data.builtin
         builtin_folder = write_tasks(spec, cfg.run.cache_path / "data" / f"builtin-{spec.fingerprint()}")
-    return {
-        name: load_stage_data(stage.data, STAGES[stage.method].data_kind, builtin_folder, cfg.run.seed)
-        for name, stage in cfg.stages.items()
-    }
+    data = {}
+    for name, stage in cfg.stages.items():
+        kind = STAGES[stage.method].data_kind
+        try:
+            data[name] = load_stage_data(stage.data, kind, builtin_folder, cfg.run.seed, tokenizer, stage.max_length)
+        except DataError as e:
+            raise DataError(f"{name}.data: {e}") from None
+        print(format_report(name, data[name].report), flush=True)
+    out = cfg.run.output_path
+    artifacts.write_json_atomic(out / "data_report.json", {name: d.report for name, d in data.items()})
+    (out / "data_report.md").write_text("\n\n".join(format_report(n, d.report) for n, d in data.items()) + "\n")
+    max_lengths = {name: stage.max_length for name, stage in cfg.stages.items()}
+    plot_lengths({name: d.lengths for name, d in data.items()}, max_lengths, out / "data_lengths.png")
+    return data
 
 
 def eval_conversations(cfg: Config, data: dict[str, StageData]) -> Dataset | None:
@@ -161,7 +174,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         tokenizer = models.load_tokenizer(base_source, cfg.model)
         check_chat_template(cfg, tokenizer, base_source)
         log("loading data")
-        data = load_all_data(cfg)
+        data = load_all_data(cfg, tokenizer)
         eval_rows = eval_conversations(cfg, data)
         timings = {"setup": time.time() - t0}
 

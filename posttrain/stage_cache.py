@@ -24,7 +24,7 @@ from typing import Any, Literal
 from posttrain import artifacts
 from posttrain.config import Config, ConfigError, DataSource, ModelConfig, StageConfig
 from posttrain.data.builtin import TaskSpec
-from posttrain.data.load import FILE_BUILDERS
+from posttrain.data.load import FILE_BUILDERS, file_type
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
@@ -55,20 +55,23 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def data_fingerprint(src: DataSource, builtin: TaskSpec) -> str:
-    """A hash of the source settings and of the rows' content, computed without loading them.
+    """A hash of the data settings and of the rows' content, computed without loading them.
 
     Local files are hashed byte for byte; the built-in data by its generator settings; a hub
     dataset by id, config, split and revision (pin `revision` for a reproducible key).
     """
-    content: dict[str, Any] = {"source": dataclasses.asdict(src)}
-    local = Path(src.path).expanduser()
-    if src.path.startswith("builtin:"):
-        content["builtin"] = builtin.fingerprint()
-    elif local.is_file():
-        content["files"] = {local.name: file_digest(local)}
-    elif local.is_dir():
-        files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in FILE_BUILDERS)
-        content["files"] = {str(f.relative_to(local)): file_digest(f) for f in files}
+    content: dict[str, Any] = {"data": dataclasses.asdict(src), "sources": []}
+    for source in src.source_list():
+        local = Path(source.path).expanduser()
+        if source.path.startswith("builtin:"):
+            content["sources"].append({"builtin": builtin.fingerprint()})
+        elif local.is_file():
+            content["sources"].append({local.name: file_digest(local)})
+        elif local.is_dir():
+            files = sorted(f for f in local.rglob("*") if f.is_file() and file_type(f) in FILE_BUILDERS)
+            content["sources"].append({str(f.relative_to(local)): file_digest(f) for f in files})
+        else:
+            content["sources"].append({"hub": source.path})
     return hash_json(content)
 
 

@@ -140,6 +140,7 @@ def stage_manifest(run: StageRun, cfg: Config, status: str, **fields) -> dict[st
             "fingerprint": stage_cache.data_fingerprint(run.stage.data, cfg.data.builtin),
             "train_rows": len(run.data.train),
             "eval_rows": len(run.data.eval) if run.data.eval is not None else 0,
+            "curation": run.data.report,
         },
         **artifacts.provenance(),
         **fields,

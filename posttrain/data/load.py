@@ -1,28 +1,42 @@
-"""Load a stage's rows from any source through `datasets.load_dataset`, check and normalise them.
+"""Load a stage's rows from every source through `datasets.load_dataset`, check, curate and mix them.
 
 Sources: `builtin:sft` / `builtin:preference` (generated files), a local json/jsonl/
-parquet/csv file, a local folder of such files (splits from file names), or a hub id.
-SFT rows become `messages` (or stay `prompt`/`completion`); preference rows become
-conversational `prompt`/`chosen`/`rejected`, the prompt taken from the shared prefix
-when the source keeps whole conversations (ultrafeedback_binarized).
+parquet/csv file, a local folder of such files (splits from file names, or a hub-style
+folder with a README), or a hub id (config name, split, revision). Each source's rows are
+renamed by its `columns` mapping, checked and converted by `formats`, split into train and
+held-out, curated (`curate`) and mixed by weight or row count (`mixture`). Every error is
+one line naming the file, row and field, raised before any model is loaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from posttrain.data import formats
+from posttrain.data.formats import DataError, FormatError
 
 if TYPE_CHECKING:
     from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
-    from posttrain.config import DataSource
+    from posttrain.config import DataSource, SourceConfig
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
-class DataError(ValueError):
-    """Bad data; the message names the source, row and field."""
+def file_type(f: Path) -> str:
+    """`.jsonl` of `train.jsonl.gz`: the suffix that picks the builder (compression is read through)."""
+    suffixes = f.suffixes
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSED:
+        return suffixes[-2]
+    return f.suffix
+
+
+__all__ = ["DataError", "StageData", "load_stage_data"]
 
 
 @dataclass
@@ -31,130 +45,229 @@ class StageData:
     eval: Dataset | None
     # where the rows came from, for messages and the manifest
     origin: str
+    # what curation removed, the mixture, token lengths (data_report.json)
+    report: dict[str, Any] = field(default_factory=dict)
+    # tokens per kept row (for the length histogram); empty without a tokenizer
+    lengths: list[int] = field(default_factory=list)
 
 
-def _load_split(path: str, src: DataSource, split: str) -> Dataset:
-    from datasets import load_dataset
+# --- where a row is -------------------------------------------------------------------------
 
-    local = Path(path).expanduser()
-    if local.is_file():
-        builder = FILE_BUILDERS.get(local.suffix)
-        if builder is None:
-            raise DataError(f"{path}: unsupported file type {local.suffix!r}; allowed: {', '.join(FILE_BUILDERS)}")
-        return load_dataset(builder, data_files=str(local), split="train")
-    if local.is_dir() and (files := _split_files(local, split)):
-        return load_dataset(FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
-    try:
-        return load_dataset(str(local) if local.is_dir() else path, name=src.name, split=split, revision=src.revision)
-    except ValueError as e:
-        if "split" in str(e).lower():
-            raise DataError(f"{path}: has no split {split!r} ({str(e).splitlines()[0]})") from None
-        raise DataError(f"{path}: could not load ({str(e).splitlines()[0]})") from None
-    except (FileNotFoundError, ConnectionError, OSError) as e:
-        raise DataError(f"{path}: could not load ({str(e).splitlines()[0]})") from None
+
+@dataclass
+class Origin:
+    """A loaded split and where its rows live, to name a row in an error message."""
+
+    label: str
+    files: list[Path] = field(default_factory=list)
+
+    def where(self, index: int) -> str:
+        """`data/chat.jsonl line 18`, or `org/name [train] row 17 (0-based)`."""
+        for f in self.files:
+            positions = _row_positions(f)
+            if positions is None:
+                break
+            if index < len(positions):
+                return f"{f} {positions[index]}"
+            index -= len(positions)
+        return f"{self.label} row {index} (0-based)"
+
+
+def _row_positions(f: Path) -> list[str] | None:
+    """Each row's position in a local file (error path only: reads the file)."""
+    if f.suffix in (".json", ".jsonl") and not _is_json_array(f):
+        with f.open() as lines:
+            return [f"line {n}" for n, line in enumerate(lines, 1) if line.strip()]
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [f"row {i} (0-based)" for i in range(pq.ParquetFile(f).metadata.num_rows)]
+    return None
+
+
+def _is_json_array(f: Path) -> bool:
+    with f.open() as text:
+        return text.read(1000).lstrip().startswith("[")
+
+
+def _scan_json_lines(f: Path) -> list[dict]:
+    """Parse a JSON-lines file line by line: a malformed line becomes a DataError naming it."""
+    rows = []
+    with f.open() as lines:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{f} line {n}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+# --- loading one split -------------------------------------------------------------------------
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
     """Files named after a split (`test_sft.jsonl`, `data/train_sft-00000-of-00003.parquet`), one type."""
     found = sorted(
-        f for f in [*folder.glob(f"{split}[.-]*"), *folder.glob(f"data/{split}[.-]*")] if f.suffix in FILE_BUILDERS
+        f for f in [*folder.glob(f"{split}[.-]*"), *folder.glob(f"data/{split}[.-]*")] if file_type(f) in FILE_BUILDERS
     )
-    return [f for f in found if FILE_BUILDERS[f.suffix] == FILE_BUILDERS[found[0].suffix]]
+    return [f for f in found if FILE_BUILDERS[file_type(f)] == FILE_BUILDERS[file_type(found[0])]]
 
 
-def load_stage_data(src: DataSource, kind: str, builtin_folder: Path, seed: int) -> StageData:
-    """Train and held-out rows for one stage, checked and normalised for `kind` (sft|preference)."""
-    path, eval_split = src.path, src.eval_split
-    if path.startswith("builtin:"):
-        path, eval_split = str(builtin_folder / path.split(":", 1)[1]), eval_split or "test"
-    train = _load_split(path, src, src.split)
-    if eval_split is not None:
-        held_out = _load_split(path, src, eval_split)
-    elif src.eval_fraction > 0:
-        parts = train.train_test_split(test_size=src.eval_fraction, seed=seed)
-        train, held_out = parts["train"], parts["test"]
-    else:
-        held_out = None
-    train = _cap(train, src.max_rows, seed)
-    held_out = _cap(held_out, src.max_eval_rows, seed) if held_out is not None else None
-    normalise = to_sft if kind == "sft" else to_preference
-    train = normalise(train, f"{src.path} [{src.split}]")
-    if held_out is not None:
-        held_out = normalise(held_out, f"{src.path} [{eval_split or 'held-out'}]")
-    return StageData(train=train, eval=held_out, origin=src.path)
+def _csv_as_text(f: Path) -> dict[str, Any]:
+    """Read every CSV column as text (an answer "42" stays a string; an empty cell is "")."""
+    import csv
+
+    from datasets import Features, Value
+
+    if f.suffix != ".csv":
+        return {}
+    with f.open(newline="") as text:
+        names = next(csv.reader(text), [])
+    return {"features": Features({name: Value("string") for name in names}), "keep_default_na": False}
 
 
-def _cap(ds: Dataset, max_rows: int | None, seed: int) -> Dataset:
-    if max_rows is None or len(ds) <= max_rows:
-        return ds
-    return ds.shuffle(seed=seed).select(range(max_rows))
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-# --- formats ----------------------------------------------------------------------------
+def load_split(path: str, src: SourceConfig, split: str, kind: str) -> tuple[Dataset, Origin]:
+    """One split of one source, as the library loads it, and where its rows live."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
-
-def _check_messages(messages, where: str, field: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: {field}[{i}] must have 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{where}: {field}[{i}].role {m['role']!r}; allowed: system, user, assistant, tool")
-
-
-def to_sft(ds: Dataset, origin: str) -> Dataset:
-    """Keep `messages` (or `prompt`+`completion`); every row must have an assistant reply."""
-    columns = set(ds.column_names)
-    if "messages" in columns:
-        for i, row in enumerate(ds["messages"]):
-            where = f"{origin} row {i}"
-            _check_messages(row, where, "messages")
-            if not any(m["role"] == "assistant" for m in row):
-                raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
-        # `task` (built-in data) lets evaluation report accuracy per task
-        return ds.select_columns(["messages", *(["task"] if "task" in columns else [])])
-    if {"prompt", "completion"} <= columns:
-        return ds.select_columns(["prompt", "completion"])
-    raise DataError(
-        f"{origin}: SFT rows need a 'messages' column or 'prompt' and 'completion'; found: {', '.join(sorted(columns))}"
-    )
-
-
-def _as_messages(value, role: str) -> list[dict]:
-    return value if isinstance(value, list) else [{"role": role, "content": value}]
-
-
-def split_conversations(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
-    """Implicit prompt: the longest shared prefix of two conversations is the prompt."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
-def to_preference(ds: Dataset, origin: str) -> Dataset:
-    """Conversational `prompt`/`chosen`/`rejected` from explicit or implicit-prompt rows."""
-    columns = set(ds.column_names)
-    missing = {"chosen", "rejected"} - columns
-    if missing:
-        raise DataError(
-            f"{origin}: preference rows need 'chosen' and 'rejected' (and usually 'prompt'); "
-            f"missing {', '.join(sorted(missing))}; found: {', '.join(sorted(columns))}"
-        )
-
-    def convert(row: dict, i: int) -> dict:
-        where = f"{origin} row {i}"
-        chosen, rejected = _as_messages(row["chosen"], "assistant"), _as_messages(row["rejected"], "assistant")
-        _check_messages(chosen, where, "chosen")
-        _check_messages(rejected, where, "rejected")
-        if chosen[0]["role"] != "assistant":  # whole conversations: prompt is the shared prefix
-            prompt, chosen, rejected = split_conversations(chosen, rejected)
-        elif "prompt" in row and row["prompt"] is not None:
-            prompt = _as_messages(row["prompt"], "user")
+    local = Path(path).expanduser()
+    files: list[Path] = []
+    if local.is_file():
+        if file_type(local) not in FILE_BUILDERS:
+            allowed = ", ".join(FILE_BUILDERS)
+            raise DataError(f"{path}: unsupported file type {file_type(local)!r}; allowed: {allowed} (also gzipped)")
+        files = [local]
+    elif local.is_dir():
+        files = _split_files(local / src.data_dir if src.data_dir else local, split)
+    try:
+        if files:
+            builder = FILE_BUILDERS[file_type(files[0])]
+            kwargs = _csv_as_text(files[0]) if builder == "csv" else {}
+            ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
         else:
-            raise DataError(f"{where}: 'chosen' is a bare reply but the row has no 'prompt'")
-        _check_messages(prompt, where, "prompt")
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            where = str(local) if local.is_dir() else path
+            ds = load_dataset(where, name=src.name, data_dir=src.data_dir, split=split, revision=src.revision)
+    except DatasetGenerationError as e:
+        _explain_load_failure(files, src, kind)
+        raise DataError(f"{path}: could not load ({_first_line(e.__cause__ or e)})") from None
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise DataError(f"{path}: has no split {split!r} ({_first_line(e)})") from None
+        raise DataError(f"{path}: could not load ({_first_line(e)})") from None
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise DataError(f"{path}: could not load ({_first_line(e)})") from None
+    label = str(files[0]) if len(files) == 1 else f"{path} [{split}]"
+    return ds, Origin(label, files)
 
-    return ds.map(convert, with_indices=True, remove_columns=ds.column_names, desc="Checking preference rows")
+
+def _explain_load_failure(files: list[Path], src: SourceConfig, kind: str) -> None:
+    """The library could not read a JSON-lines file: find the malformed line, or the row and
+    field whose type differs from the others, and raise that instead."""
+    for f in files:
+        if f.suffix not in (".json", ".jsonl") or _is_json_array(f):
+            continue
+        rows = _scan_json_lines(f)
+        if not rows:
+            continue
+        names = list(dict.fromkeys(k for row in rows for k in row))
+
+        def columns(wanted: list[str], rows: list[dict] = rows) -> dict[str, list]:
+            return {name: [row.get(name) for row in rows] for name in wanted}
+
+        check_rows(names, rows[0], columns, src, kind, Origin(str(f), [f]))
+
+
+# --- checking and converting ---------------------------------------------------------------
+
+
+def _targets(names: list[str], src: SourceConfig) -> dict[str, str]:
+    """Each source column -> the posttrain field it fills (`columns: {field: column}` renames;
+    a column shadowed by a rename is left out)."""
+    renamed = {column: target for target, column in src.columns.items()}
+    return {c: renamed.get(c, c) for c in names if c in renamed or c not in src.columns}
+
+
+def check_rows(names: list[str], first: dict, columns, src: SourceConfig, kind: str, origin: Origin):
+    """Rename, pick the format, check and convert every row; `columns(names)` gives column lists.
+    Returns (format, rows)."""
+    for target, column in src.columns.items():
+        if column not in names:
+            raise DataError(f"{origin.label}: columns.{target}: no column {column!r}; found: {', '.join(names)}")
+    targets = _targets(names, src)
+    source_of = {target: column for column, target in targets.items()}
+    first_chosen = first.get(source_of["chosen"]) if "chosen" in source_of else None
+    try:
+        fmt = formats.detect(list(source_of), kind, src.format, first_chosen)
+    except FormatError as e:
+        raise DataError(f"{origin.label}: {e}") from None
+    needed = formats.needed_columns(fmt, list(source_of))
+    values = columns([source_of[t] for t in needed])
+    rows, _ = formats.convert({t: values[source_of[t]] for t in needed}, fmt, kind, origin.where)
+    return fmt, rows
+
+
+def read_rows(src: SourceConfig, split: str, kind: str, builtin_folder: Path) -> tuple[str, list[dict], str]:
+    """(format, checked rows, label) of one split of one source."""
+    path = str(builtin_folder / src.path.split(":", 1)[1]) if src.path.startswith("builtin:") else src.path
+    ds, origin = load_split(path, src, split, kind)
+    if len(ds) == 0:
+        raise DataError(f"{origin.label}: has no rows")
+
+    def columns(wanted: list[str]) -> dict[str, list]:
+        return ds.select_columns(wanted).to_dict()
+
+    fmt, rows = check_rows(ds.column_names, ds[0], columns, src, kind, origin)
+    return fmt, rows, origin.label
+
+
+# --- a stage's data ---------------------------------------------------------------------------
+
+
+def load_stage_data(
+    data: DataSource,
+    kind: str,
+    builtin_folder: Path,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int | None = None,
+) -> StageData:
+    """Train and held-out rows for one stage of `kind` (sft | preference | unpaired):
+    every source checked, held out, curated, then mixed; `report` says what each step did."""
+    from datasets import Dataset
+
+    from posttrain.data import curate, mixture
+
+    parts = []
+    for src in data.source_list():
+        fmt, train, label = read_rows(src, src.split, kind, builtin_folder)
+        eval_split = src.eval_split or ("test" if src.path.startswith("builtin:") else None)
+        if eval_split is not None:
+            _, held_out, _ = read_rows(src, eval_split, kind, builtin_folder)
+        else:
+            train, held_out = mixture.hold_out(train, data.eval_fraction, seed)
+        parts.append(mixture.Part(src, label, fmt, train, held_out))
+    curated = curate.curate(parts, data, tokenizer, max_length)
+    if not any(p.train for p in parts):
+        sources = ", ".join(p.label for p in parts)
+        raise DataError(f"{sources}: no train rows left after curation ({curated.removed_text(parts)})")
+    train, used = mixture.mix(parts, data.max_rows, seed)
+    held_out = mixture.cap([row for p in parts for row in p.held_out], data.max_eval_rows, seed)
+    report = curated.report(parts, used, len(train), len(held_out))
+    origin = " + ".join(p.label for p in parts)
+    return StageData(
+        train=Dataset.from_list(train),
+        eval=Dataset.from_list(held_out) if held_out else None,
+        origin=origin,
+        report=report,
+        lengths=curated.lengths,
+    )
