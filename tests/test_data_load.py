@@ -98,7 +98,9 @@ def test_implicit_prompt_preferences_like_ultrafeedback(tmp_path):
 
 
 def test_explicit_string_preferences(tmp_path):
-    f = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"Hi {i}", "chosen": "Hello", "rejected": "Go away"} for i in range(2)])
+    f = _jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"Hi {i}", "chosen": "Hello", "rejected": "Go away"} for i in range(2)]
+    )
     data = load_stage_data(DataSource(path=str(f), eval_fraction=0.0), "preference", tmp_path, seed=0)
     assert data.train[0]["prompt"] == [{"role": "user", "content": "Hi 0"}]
     assert data.train[0]["chosen"] == [{"role": "assistant", "content": "Hello"}]
@@ -115,7 +117,9 @@ def test_split_conversations_keeps_multi_turn_prefix():
 def test_unsupported_file_type(tmp_path):
     f = tmp_path / "data.txt"
     f.write_text("hello")
-    with pytest.raises(DataError, match=r"unsupported file type '.txt'; allowed: .json, .jsonl, .parquet, .csv \(also gzipped\)"):
+    with pytest.raises(
+        DataError, match=r"unsupported file type '.txt'; allowed: .json, .jsonl, .parquet, .csv \(also gzipped\)"
+    ):
         load_stage_data(DataSource(path=str(f)), "sft", tmp_path, seed=0)
 
 

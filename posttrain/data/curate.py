@@ -50,7 +50,7 @@ def normalized_key(row: dict) -> bytes:
     """Same key for rows that differ only in case, whitespace or punctuation."""
     parts = [name for name in ("messages", "prompt", "chosen", "rejected", "completion", "label") if name in row]
     text = json.dumps(
-        [[(m["role"], SPACES.sub(" ", PUNCTUATION.sub("", m["content"].lower())).strip()) for m in row[p]]
+        [[(m["role"], SPACES.sub(" ", PUNCTUATION.sub(" ", m["content"].lower())).strip()) for m in row[p]]
          if isinstance(row[p], list) else row[p] for p in parts],
         ensure_ascii=False,
     )  # fmt: skip

@@ -166,7 +166,9 @@ def check_turns(parts: list[tuple[str, list[dict]]], ends_with: str) -> None:
         raise RowError(parts[0][0], "has no assistant turn to learn from")
     if previous != ends_with:
         field, messages = parts[-1]
-        raise RowError(f"{field}[{len(messages) - 1}].role", f"{previous!r}; this must end with {ARTICLE[ends_with]} turn")
+        raise RowError(
+            f"{field}[{len(messages) - 1}].role", f"{previous!r}; this must end with {ARTICLE[ends_with]} turn"
+        )
 
 
 def _as_messages(value, role: str, field: str) -> list[dict]:
