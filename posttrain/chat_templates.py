@@ -34,7 +34,7 @@ ZEPHYR = (
 
 # Llama 3 instruct format; `<|eot_id|>` ends every turn.
 LLAMA3 = (
-    "{{ bos_token }}"
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
     "{% if message['role'] == 'assistant' %}"
@@ -46,7 +46,56 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
-CHAT_TEMPLATES = {"chatml": CHATML, "zephyr": ZEPHYR, "llama3": LLAMA3}
+# Mistral instruct ([INST] ... [/INST] reply</s>); a system message goes into the first user turn.
+MISTRAL = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{% set ns.system = '' %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+# Gemma 2/3 (`model` is the assistant's role; a system message goes into the first user turn).
+GEMMA = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '<start_of_turn>user\\n' + ns.system + message['content'] + '<end_of_turn>\\n' }}{% set ns.system = '' %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<start_of_turn>model\\n' }}{% generation %}{{ message['content'] + '<end_of_turn>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+# Phi-3 / Phi-4-mini: `<|role|>` headers, turns closed by `<|end|>`.
+PHI3 = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\\n' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+CHAT_TEMPLATES = {
+    "chatml": CHATML,
+    "zephyr": ZEPHYR,
+    "llama3": LLAMA3,
+    "mistral": MISTRAL,
+    "gemma": GEMMA,
+    "phi3": PHI3,
+}
 
 
 def resolve(template: str | None) -> str | None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import artifacts, models, stage_cache
+from posttrain import artifacts, chat_templates, models, stage_cache
 from posttrain.artifacts import Artifact
 from posttrain.config import GATE_METRICS, Config, ConfigError, StageConfig
 from posttrain.data.builtin import write_tasks
@@ -99,7 +99,8 @@ def check_chat_template(cfg: Config, tokenizer, source: str) -> None:
         if getattr(stage, "assistant_only_loss", False) and not models.marks_assistant_tokens(tokenizer):
             raise ConfigError(
                 f"{name}.assistant_only_loss: the chat template of {source!r} cannot mark assistant tokens "
-                "(no {% generation %} block); set model.chat_template (chatml, zephyr, llama3) or "
+                "(no {% generation %} block) and would train on the prompts too; set model.chat_template "
+                f"({', '.join(chat_templates.CHAT_TEMPLATES)}, or a Jinja string with one) or "
                 f"{name}.assistant_only_loss=false"
             )
 

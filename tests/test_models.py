@@ -58,3 +58,51 @@ def test_named_chat_template_replaces_missing_one(tiny):
 def test_dtype_auto_is_fp32_on_cpu():
     if not torch.cuda.is_available():
         assert models.torch_dtype("auto") == torch.float32
+
+
+TEMPLATE_TURNS = {
+    "chatml": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "zephyr": ("<|assistant|>\n", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "mistral": ("[/INST]", "<|im_end|>"),
+    "gemma": ("<start_of_turn>model\n", "<end_of_turn>"),
+    "phi3": ("<|assistant|>\n", "<|end|>"),
+}
+
+
+@pytest.mark.parametrize("name", models.chat_templates.CHAT_TEMPLATES)
+def test_every_named_template_marks_each_reply_and_its_end(tiny, name):
+    """Two turns and a system message: the assistant mask covers both replies and their closing
+    token, nothing of the prompts; the generation prompt is what precedes a reply."""
+    cfg, source = tiny
+    tok = models.load_tokenizer(source, ModelConfig(chat_template=name))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "8"},
+    ]
+    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m])
+    header, end = TEMPLATE_TURNS[name]
+    assert marked.replace(" ", "") == f"5{end}8{end}"
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert "Be brief." in text and text.count(header) == 2
+    prompt = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(header) and text.startswith(prompt)
+
+
+def test_template_without_generation_block_is_refused_with_the_fix(tiny, cache_dir):
+    from posttrain.config import ConfigError, load_config
+    from posttrain.pipeline import check_chat_template
+    from tests.conftest import compose_tree
+
+    cfg, source = tiny
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    tok = models.load_tokenizer(source, ModelConfig(chat_template=plain))
+    with pytest.raises(ConfigError) as e:
+        check_chat_template(load_config(compose_tree([])), tok, source)
+    assert str(e.value).startswith("sft.assistant_only_loss: the chat template of ")
+    assert "set model.chat_template (chatml, zephyr, llama3, mistral, gemma, phi3" in str(e.value)
+    assert "or sft.assistant_only_loss=false" in str(e.value)
