@@ -129,8 +129,8 @@ class DataSource:
     # duplicate rows dropped: none, exact (same text), normalized (same text ignoring case,
     # whitespace and punctuation)
     dedup: str = "exact"
-    # rows shorter than this many tokens are dropped
-    min_tokens: int = 1
+    # rows shorter than this many tokens are dropped (0: no lower bound)
+    min_tokens: int = 0
     # rows longer than the stage's max_length: truncate (TRL cuts them) or drop
     overlong: str = "truncate"
     # train rows identical to a held-out row are dropped (no test leakage)

@@ -138,3 +138,15 @@ def test_row_counts_upsample_and_mixtures_are_deterministic_and_shuffled(tmp_pat
     assert first.train["task"][:25] != ["a"] * 25  # shuffled, not a then b
     other_seed = load_stage_data(DataSource(path=None, sources=sources, eval_fraction=0.0), "sft", tmp_path, seed=1)
     assert other_seed.train["messages"] != first.train["messages"]
+
+
+def test_without_length_filters_token_stats_come_from_a_sample(tmp_path, tokenizer, monkeypatch):
+    from posttrain.data import curate
+
+    monkeypatch.setattr(curate, "SAMPLE", 20)
+    rows = [{"messages": _conv(f"q{i}", "word " * (1 if i % 2 else 80))} for i in range(100)]
+    data = _load(tmp_path, tokenizer=tokenizer, max_length=60, path=str(_jsonl(tmp_path / "d.jsonl", rows)))
+    tokens = data.report["tokens"]
+    assert tokens["sampled_rows"] == 20 and len(data.train) == 100
+    assert 0.2 < tokens["over_max_length_share"] < 0.8  # half the rows are long
+    assert tokens["over_max_length"] == round(tokens["over_max_length_share"] * 100)

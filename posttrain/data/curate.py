@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import random
 import re
 import statistics
 from collections.abc import Callable
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from posttrain.config import DataSource
     from posttrain.data.mixture import Part
 
+# rows whose tokens are counted for the report when no length filter needs every row counted
+SAMPLE = 20_000
 FILTERS = ("empty turn", "chosen = rejected", "duplicate", "in held-out", "too short", "too long")
 PUNCTUATION = re.compile(r"[^\w\s]")
 SPACES = re.compile(r"\s+")
@@ -94,6 +98,8 @@ class Curation:
     # rows measured (before the length filters) and how many of them exceed max_length
     measured: int = 0
     over_max_length: int = 0
+    # set when the lengths come from a sample: how many rows it was drawn from
+    sampled_from: int | None = None
 
     def totals(self, parts: list[Part]) -> dict[str, int]:
         return {f: sum(p.removed.get(f, 0) for p in parts) for f in FILTERS}
@@ -126,9 +132,14 @@ class Curation:
             "overlong": self.settings.overlong,
         }
         if self.lengths:
+            share = self.over_max_length / self.measured
             report["tokens"] = length_stats(self.lengths, self.max_length)
-            report["tokens"]["over_max_length"] = self.over_max_length
-            report["tokens"]["over_max_length_share"] = round(self.over_max_length / self.measured, 4)
+            report["tokens"]["over_max_length_share"] = round(share, 4)
+            if self.sampled_from is None:
+                report["tokens"]["over_max_length"] = self.over_max_length
+            else:  # estimated from a sample of the rows
+                report["tokens"]["over_max_length"] = round(share * self.sampled_from)
+                report["tokens"]["sampled_rows"] = self.measured
         return report
 
 
@@ -189,14 +200,31 @@ def curate(
     if tokenizer is None:
         return curation
     too_long = settings.overlong == "drop" and max_length is not None
+    if settings.min_tokens == 0 and not too_long:
+        _measure_sample(parts, curation, tokenizer)
+        return curation
     for part in parts:
         lengths = token_lengths(part.train, tokenizer)
         ok = [settings.min_tokens <= n and not (too_long and n > max_length) for n in lengths]
         part.removed["too short"] = sum(n < settings.min_tokens for n in lengths)
         part.removed["too long"] = len(ok) - sum(ok) - part.removed["too short"]
         part.train = [row for row, keep in zip(part.train, ok, strict=True) if keep]
-        kept = [n for n, keep in zip(lengths, ok, strict=True) if keep]
-        curation.lengths += kept
+        curation.lengths += [n for n, keep in zip(lengths, ok, strict=True) if keep]
         curation.measured += len(lengths)
         curation.over_max_length += sum(n > max_length for n in lengths) if max_length is not None else 0
     return curation
+
+
+def _measure_sample(parts: list[Part], curation: Curation, tokenizer: PreTrainedTokenizerBase) -> None:
+    """No length filter is on: the report's token statistics come from a seeded sample of at
+    most SAMPLE rows (tokenizing 200k long conversations takes minutes; a sample, seconds)."""
+    total = sum(len(p.train) for p in parts)
+    rng = random.Random(0)
+    for part in parts:
+        k = min(len(part.train), math.ceil(SAMPLE * len(part.train) / max(total, 1)))
+        lengths = token_lengths(rng.sample(part.train, k), tokenizer)
+        curation.lengths += lengths
+        curation.measured += k
+        if curation.max_length is not None:
+            curation.over_max_length += sum(n > curation.max_length for n in lengths)
+    curation.sampled_from = total if curation.measured < total else None

@@ -31,8 +31,9 @@ def format_report(stage: str, report: dict[str, Any]) -> str:
             share = 100 * tokens["over_max_length_share"]
             action = "dropped" if report["overlong"] == "drop" else "truncated"
             over = f"; over max_length {tokens['max_length']}: {tokens['over_max_length']} ({share:.1f}%, {action})"
+        sampled = f" (a sample of {tokens['sampled_rows']} rows)" if "sampled_rows" in tokens else ""
         lines.append(
-            f"tokens per row: min {tokens['min']}, mean {tokens['mean']}, p50 {tokens['p50']}, "
+            f"tokens per row{sampled}: min {tokens['min']}, mean {tokens['mean']}, p50 {tokens['p50']}, "
             f"p90 {tokens['p90']}, p99 {tokens['p99']}, max {tokens['max']}{over}"
         )
     return "\n".join(lines)
