@@ -27,8 +27,15 @@ def test_cfg_job_prints_the_composed_config():
 def test_plan_prints_the_chain_and_trains_nothing(tmp_path):
     proc = posttrain("plan=true", f"run.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr
-    assert "sft: sft from base" in proc.stdout and "align: dpo from sft" in proc.stdout
+    assert "sft: sft from base, data builtin:sft [train]" in proc.stdout and "align: dpo from sft" in proc.stdout
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_plan_shows_a_mixture_with_its_weights(tmp_path):
+    sources = "[{path: builtin:sft, weight: 3}, {path: builtin:sft, split: test, rows: 50}]"
+    proc = posttrain("plan=true", "data.sft.path=null", f"+data.sft.sources={sources}")
+    assert proc.returncode == 0, proc.stderr
+    assert "data builtin:sft [train] x3 + builtin:sft [test] 50 rows," in proc.stdout
 
 
 def test_bad_value_is_one_line_on_stderr():

@@ -49,7 +49,16 @@ def test_settings_that_do_not_change_weights_keep_the_keys(override):
 
 
 @pytest.mark.parametrize(
-    "override", ["run.seed=1", "model.tiny.hidden_size=32", "peft=lora", "data.builtin.num_sft=100"]
+    "override",
+    [
+        "run.seed=1",
+        "model.tiny.hidden_size=32",
+        "peft=lora",
+        "data.builtin.num_sft=100",
+        "data.sft.dedup=exact",
+        "data.sft.max_rows=100",
+        "data.sft.overlong=drop",
+    ],
 )
 def test_settings_that_change_weights_change_the_keys(override):
     assert keys(override)["sft"] != keys()["sft"]
@@ -68,6 +77,21 @@ def test_data_file_content_is_part_of_the_key(tmp_path):
     before = keys(f"data.sft.path={data}")
     data.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
     assert keys(f"data.sft.path={data}")["sft"] != before["sft"]
+
+
+def test_every_file_and_weight_of_a_mixture_is_part_of_the_key(tmp_path):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(row) + "\n")
+    b.write_text(json.dumps(row) + "\n")
+
+    def mixture(weight: int) -> dict[str, str]:
+        return keys("data.sft.path=null", f"+data.sft.sources=[{{path: {a}}}, {{path: {b}, weight: {weight}}}]")
+
+    before = mixture(1)
+    assert mixture(2)["sft"] != before["sft"]
+    b.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    assert mixture(1)["sft"] != before["sft"]
 
 
 def test_config_changes_names_dotted_keys():

@@ -320,15 +320,14 @@ def as_unpaired(pair: dict) -> list[dict]:
     ]
 
 
-def convert(columns: dict[str, list], fmt: str, kind: str, where: Callable[[int], str]) -> tuple[list[dict], list[int]]:
-    """Every row checked and converted; returns the rows and each one's index in the source.
-
-    A bad row raises RowError with its field; `where(i)` names the file and row for the message."""
+def convert(columns: dict[str, list], fmt: str, kind: str, where: Callable[[int], str]) -> list[dict]:
+    """Every row checked and converted; a bad row raises DataError naming the row (`where(i)`),
+    the field and the problem."""
     names = list(columns)
     converter = CONVERTERS[fmt]
     unpair = kind == "unpaired" and fmt != "unpaired"
     kept = [c for c in KEPT if c in columns]
-    rows, index = [], []
+    rows = []
     for i, values in enumerate(zip(*columns.values(), strict=True)):
         row = dict(zip(names, values, strict=True))
         try:
@@ -337,7 +336,5 @@ def convert(columns: dict[str, list], fmt: str, kind: str, where: Callable[[int]
             raise DataError(f"{where(i)}: {e.field}: {e.problem}") from None
         for name in kept:
             out[name] = row[name]
-        for one in as_unpaired(out) if unpair else (out,):
-            rows.append(one)
-            index.append(i)
-    return rows, index
+        rows += as_unpaired(out) if unpair else [out]
+    return rows

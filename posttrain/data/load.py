@@ -11,6 +11,7 @@ one line naming the file, row and field, raised before any model is loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,9 +198,16 @@ def _targets(names: list[str], src: SourceConfig) -> dict[str, str]:
     return {c: renamed.get(c, c) for c in names if c in renamed or c not in src.columns}
 
 
-def check_rows(names: list[str], first: dict, columns, src: SourceConfig, kind: str, origin: Origin):
-    """Rename, pick the format, check and convert every row; `columns(names)` gives column lists.
-    Returns (format, rows)."""
+def check_rows(
+    names: list[str],
+    first: dict,
+    columns: Callable[[list[str]], dict[str, list]],
+    src: SourceConfig,
+    kind: str,
+    origin: Origin,
+) -> tuple[str, list[dict]]:
+    """Rename, pick the format, check and convert every row: (format, rows). `first` is the first
+    row (it tells HH text from other pairs); `columns(names)` gives those columns as lists."""
     for target, column in src.columns.items():
         if column not in names:
             raise DataError(f"{origin.label}: columns.{target}: no column {column!r}; found: {', '.join(names)}")
@@ -212,8 +220,7 @@ def check_rows(names: list[str], first: dict, columns, src: SourceConfig, kind: 
         raise DataError(f"{origin.label}: {e}") from None
     needed = formats.needed_columns(fmt, list(source_of))
     values = columns([source_of[t] for t in needed])
-    rows, _ = formats.convert({t: values[source_of[t]] for t in needed}, fmt, kind, origin.where)
-    return fmt, rows
+    return fmt, formats.convert({t: values[source_of[t]] for t in needed}, fmt, kind, origin.where)
 
 
 def read_rows(src: SourceConfig, split: str, kind: str, builtin_folder: Path) -> tuple[str, list[dict], str]:
