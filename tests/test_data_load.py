@@ -135,3 +135,19 @@ def test_max_rows_caps_deterministically(tmp_path):
     a = load_stage_data(src, "sft", tmp_path, seed=3).train
     b = load_stage_data(src, "sft", tmp_path, seed=3).train
     assert len(a) == 10 and a["messages"] == b["messages"]
+
+
+def test_folder_of_plain_files_is_one_train_split_and_errors_name_the_file(tmp_path):
+    folder = tmp_path / "chats"
+    (folder / "more").mkdir(parents=True)
+    _jsonl(folder / "a.jsonl", [{"messages": _conv(f"a{i}", "x")} for i in range(5)])
+    bad = [{"messages": _conv(f"b{i}", "x")} for i in range(3)] + [{"messages": [{"role": "bot", "content": "q"}]}]
+    _jsonl(folder / "more" / "b.jsonl", bad[:3])
+    data = load_stage_data(DataSource(path=str(folder), eval_fraction=0.0), "sft", tmp_path, seed=0)
+    assert len(data.train) == 8
+    _jsonl(folder / "more" / "b.jsonl", bad)
+    with pytest.raises(DataError, match=rf"^{folder / 'more' / 'b.jsonl'} line 4: messages\[0\].role: 'bot'"):
+        load_stage_data(DataSource(path=str(folder), eval_fraction=0.0), "sft", tmp_path, seed=0)
+    (folder / "c.csv").write_text("prompt,completion\nq,a\n")
+    with pytest.raises(DataError, match="holds csv and json files; keep one type per folder"):
+        load_stage_data(DataSource(path=str(folder), eval_fraction=0.0), "sft", tmp_path, seed=0)

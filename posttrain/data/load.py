@@ -119,6 +119,24 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     return [f for f in found if FILE_BUILDERS[file_type(f)] == FILE_BUILDERS[file_type(found[0])]]
 
 
+SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+def _folder_files(folder: Path, split: str) -> list[Path]:
+    """The files of one split of a local folder: named after the split, or, in a folder of
+    plain data files with no split names and no dataset card, all of them as `train`."""
+    if files := _split_files(folder, split):
+        return files
+    found = sorted(f for f in folder.rglob("*") if f.is_file() and file_type(f) in FILE_BUILDERS)
+    named = any(f.name.startswith(SPLIT_NAMES) for f in found)
+    if split != "train" or named or (folder / "README.md").exists() or not found:
+        return []  # a hub-style folder: datasets reads its card
+    types = sorted({FILE_BUILDERS[file_type(f)] for f in found})
+    if len(types) > 1:
+        raise DataError(f"{folder}: holds {' and '.join(types)} files; keep one type per folder, or list each file")
+    return found
+
+
 def _csv_as_text(f: Path) -> dict[str, Any]:
     """Read every CSV column as text (an answer "42" stays a string; an empty cell is "")."""
     import csv
@@ -149,7 +167,7 @@ def load_split(path: str, src: SourceConfig, split: str, kind: str) -> tuple[Dat
             raise DataError(f"{path}: unsupported file type {file_type(local)!r}; allowed: {allowed} (also gzipped)")
         files = [local]
     elif local.is_dir():
-        files = _split_files(local / src.data_dir if src.data_dir else local, split)
+        files = _folder_files(local / src.data_dir if src.data_dir else local, split)
     try:
         if files:
             builder = FILE_BUILDERS[file_type(files[0])]
