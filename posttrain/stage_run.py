@@ -23,6 +23,7 @@ from posttrain.data.load import StageData
 from posttrain.evaluate import evaluate_model
 from posttrain.plots import plot_curves
 from posttrain.preemption import Preempted, PreemptionGuard
+from posttrain.ref_logps import RefLogpsCache
 from posttrain.stages import STAGES
 from posttrain.stages.base import (
     TrainerInputs,
@@ -58,8 +59,10 @@ def train_stage(
     spec = STAGES[run.stage.method]
     model = models.load_model(run.parent.source, cfg.model)
     peft_config = lora_config(cfg)
-    # With LoRA the reference is the policy with its adapter disabled: no second copy.
-    use_ref = spec.uses_reference and peft_config is None
+    # With LoRA the reference is the policy with its adapter disabled, and precomputed
+    # reference log-probs come from the policy before its first step: no second copy.
+    precompute = getattr(run.stage, "precompute_ref_log_probs", False)
+    use_ref = spec.uses_reference and peft_config is None and not precompute
     ref_model = models.load_model(run.parent.source, cfg.model) if use_ref else None
     trainer = spec.make_trainer(
         TrainerInputs(
@@ -72,6 +75,7 @@ def train_stage(
             args=training_args(run.stage, cfg, run.folder),
             peft_config=peft_config,
             callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
+            ref_logps=ref_logps_cache(run, cfg) if spec.uses_reference else None,
         )
     )
     use_stage_progress_bar(trainer, run.name)
@@ -88,6 +92,15 @@ def train_stage(
         trained = trained.merge_and_unload()
     del trainer, ref_model
     return trained, metrics
+
+
+def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:
+    """Reference log-probs live beside the reference artifact (the base model's in the cache)."""
+    parent = run.parent
+    folder = Path(parent.source) / "ref_logps"
+    if parent.name == "base":
+        folder = cfg.run.cache_path / "ref_logps" / parent.key
+    return RefLogpsCache(folder, parent.key, f"{cfg.model.dtype}|{cfg.model.attn_implementation}|{cfg.peft.method}")
 
 
 def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> float:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
     from posttrain.config import Config, StageConfig
+    from posttrain.ref_logps import RefLogpsCache
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TrainerInputs:
     args: dict[str, Any]
     peft_config: Any
     callbacks: list = field(default_factory=list)
+    # where precomputed reference log-probs are kept (methods with a reference model)
+    ref_logps: RefLogpsCache | None = None
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every TRL trainer takes, besides its config."""

@@ -8,6 +8,7 @@ rejected ones down.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from posttrain.config import StageConfig, require
@@ -26,6 +27,9 @@ class DPOStageConfig(StageConfig):
     # TRL loss types, summed with loss_weights
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     loss_weights: list[float] | None = None
+    # the reference's log-probs computed once before training and kept on disk beside the
+    # reference (reused by later stages and sweep points); false: a reference forward per step
+    precompute_ref_log_probs: bool = True
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -49,9 +53,26 @@ def trl_config() -> type:
 def make_trainer(inputs: TrainerInputs):
     from trl import DPOConfig, DPOTrainer
 
+    from posttrain.ref_logps import caching_dpo_trainer
+
     cfg: DPOStageConfig = inputs.cfg
-    args = DPOConfig(**inputs.args, beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights)
-    return DPOTrainer(ref_model=inputs.ref_model, args=args, **inputs.trainer_kwargs())
+    args = DPOConfig(
+        **inputs.args,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        loss_weights=cfg.loss_weights,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        precompute_ref_batch_size=inputs.args["per_device_eval_batch_size"],
+    )
+    trainer_cls = DPOTrainer
+    if cfg.precompute_ref_log_probs and inputs.ref_logps is not None:
+        # the collator truncates to max_length: part of what the log-probs are of
+        settings = f"{inputs.ref_logps.model_settings}|{args.max_length}|{args.truncation_mode}"
+        cache = dataclasses.replace(inputs.ref_logps, model_settings=settings)
+        trainer_cls = caching_dpo_trainer(cache, log=lambda message: print(f"[posttrain] {message}", flush=True))
+    # precomputing, the policy (still equal to the reference) computes them: no second copy
+    ref_model = None if cfg.precompute_ref_log_probs else inputs.ref_model
+    return trainer_cls(ref_model=ref_model, args=args, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(

@@ -31,6 +31,10 @@ def test_sweep_trains_the_shared_sft_stage_once(sweep):
     assert proc.stdout.count("stage sft (sft): reusing complete artifact") == 3
     assert proc.stdout.count("stage align (dpo) starting from sft") == 4
     assert proc.stdout.count("base model metrics reused") == 3
+    # the reference (SFT) log-probs of the train and held-out pairs: computed by job 0, read by the others
+    assert proc.stdout.count("reference log-probs of the train rows saved to") == 1
+    assert proc.stdout.count("reference log-probs of the train rows reused from") == 3
+    assert len(list((out / "0" / "sft" / "ref_logps").glob("*.parquet"))) == 2
     assert {(out / str(job) / "sft").resolve() for job in range(4)} == {out / "0" / "sft"}
     settings = [_manifest(out / str(job) / "align")["config"] for job in range(4)]
     assert sorted((s["beta"], s["learning_rate"]) for s in settings) == [

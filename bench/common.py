@@ -1,0 +1,87 @@
+"""What the benchmarks share: a random-init Llama of a chosen size saved as a local folder (loaded
+back with from_pretrained, like a user's model), variable-length conversational data, a
+results file per benchmark and a printed table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+from posttrain.summary import markdown_table
+
+RESULTS = Path(__file__).parent / "results"
+WORDS = "the a of to and in is it you that he was for on are with as his they be at one have this".split()
+# name -> LlamaConfig fields; "20m" is the CPU default of the field notes, "qwen0.5b" Qwen2.5-0.5B's shape
+SIZES = {
+    "tiny": dict(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+    ),
+    "20m": dict(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8
+    ),
+    "qwen0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def build_model(size: str, folder: Path, seq: int) -> Path:
+    """A random-init Llama of `size` with the built-in tokenizer (vocab padded to the size's)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain import models
+    from posttrain.config import ModelConfig
+
+    tokenizer = models.load_tokenizer(models.base_model_source(ModelConfig(), folder / "cache"), ModelConfig())
+    fields = {"vocab_size": len(tokenizer), "tie_word_embeddings": True, **SIZES[size]}
+    config = LlamaConfig(
+        **fields, max_position_embeddings=max(seq, 256), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = folder / f"llama-{size}"
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def conversations(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    """Chat rows whose lengths spread from ~1/8 of `max_tokens` to all of it (~35-45% padding in
+    random batches), in the `messages` format."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.randint(max_tokens // 16, max_tokens // 2 - 8)  # ~2 tokens per word with the tiny BPE
+        user = " ".join(rng.choice(WORDS) for _ in range(max(2, words // 4)))
+        reply = " ".join(rng.choice(WORDS) for _ in range(max(2, words - words // 4)))
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
+    return rows
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+
+
+def report(name: str, header: list[str], rows: list[list], records: list[dict]) -> None:
+    """Print the table and append each record (with time and device) to results/<name>.jsonl."""
+    print(markdown_table(header, [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": device_name()}
+    with (RESULTS / f"{name}.jsonl").open("a") as f:
+        for record in records:
+            f.write(json.dumps(stamp | record) + "\n")

@@ -1,0 +1,202 @@
+"""SFT tokens/s: posttrain's default stage vs TRL's SFTTrainer with its defaults vs a raw PyTorch loop.
+
+    python bench/sft_throughput.py                          # 20M Llama, seq 512, CPU: ~4 min
+    python bench/sft_throughput.py --size qwen0.5b --seq 2048 --batch 16   # a GPU
+
+Same random-init model (a local folder, loaded with from_pretrained), same variable-length
+conversations, one process. posttrain: the `sft` stage exactly as `posttrain` builds it
+(composed config, training args chosen for the device, TRL underneath). TRL: SFTConfig with
+only output_dir, batch size, max_length and the step count set. Raw loop: forward, backward,
+clip, AdamW on posttrain's own batches, nothing else. Tokens are real (non-padding) tokens;
+the first `--warmup` steps are not timed. Prints a table and appends to results/sft_throughput.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import build_model, conversations, report
+
+# dense bf16 peak by GPU name (MFU's denominator); CPUs are measured
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)
+    a = torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 10 * 2 * 2048**3 / (time.perf_counter() - t)
+
+
+def flops_per_token(model, seq: float) -> float:
+    """6N for the weights plus attention's 12 * layers * hidden * context (forward and backward)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size * (
+        not cfg.tie_word_embeddings
+    )
+    return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
+
+
+def clock(warmup: int):
+    """A callback recording time and real tokens seen after the warm-up steps."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        start = end = None
+        tokens0 = tokens1 = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if state.global_step == warmup:
+                self.start, self.tokens0 = now, state.num_input_tokens_seen
+            self.end, self.tokens1 = now, state.num_input_tokens_seen
+
+        def tokens_per_s(self) -> float:
+            return (self.tokens1 - self.tokens0) / (self.end - self.start)
+
+    return Clock()
+
+
+def posttrain_trainer(model_dir: Path, rows, args, out: Path):
+    """The `sft` stage as `posttrain` builds it, from the composed default config."""
+    from datasets import Dataset
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from posttrain import models
+    from posttrain.cli import config_dir
+    from posttrain.config import load_config
+    from posttrain.stages import STAGES
+    from posttrain.stages.base import TrainerInputs, training_args
+
+    overrides = [
+        f"model.path={model_dir}",
+        "align=none",
+        f"sft.max_length={args.seq}",
+        f"sft.max_steps={args.steps + args.warmup}",
+        f"sft.per_device_train_batch_size={args.batch}",
+        "sft.learning_rate=1e-4",
+        "sft.logging_steps=1000",
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="bench"):
+        composed = compose("config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(composed)  # run.name and output_dir refer to hydra's settings
+        with open_dict(composed):
+            del composed["hydra"]
+        tree = OmegaConf.to_container(composed, resolve=True)
+    cfg = load_config(tree)
+    stage = cfg.stages["sft"]
+    tokenizer = models.load_tokenizer(str(model_dir), cfg.model)
+    train_args = training_args(stage, cfg, out) | {"include_num_input_tokens_seen": "non_padding", "disable_tqdm": True}
+    inputs = TrainerInputs(
+        cfg=stage, model=models.load_model(str(model_dir), cfg.model), ref_model=None, tokenizer=tokenizer,
+        train_dataset=Dataset.from_list(rows), eval_dataset=None, args=train_args, peft_config=None,
+    )  # fmt: skip
+    return STAGES["sft"].make_trainer(inputs), stage
+
+
+def trl_default_trainer(model_dir: Path, rows, args, out: Path):
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=args.batch, max_length=args.seq,
+        max_steps=args.steps + args.warmup, learning_rate=1e-4, use_cpu=not torch.cuda.is_available(),
+        report_to="none", include_num_input_tokens_seen="non_padding", disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    return SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(rows))
+
+
+def raw_loop(model_dir: Path, trainer, args) -> float:
+    """tokens/s of forward/backward/clip/AdamW on the batches posttrain's trainer would feed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import models
+
+    dtype = models.torch_dtype("auto")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    batches = iter(trainer.get_train_dataloader())
+    tokens, start = 0, None
+    for step in range(args.steps + args.warmup):
+        batch = {k: v.to(device) for k, v in next(batches).items() if k in ("input_ids", "attention_mask", "labels")}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step + 1 == args.warmup:
+            start = time.perf_counter()
+        elif step + 1 > args.warmup:
+            tokens += int(batch["attention_mask"].sum())
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="20m", help="tiny, 20m, qwen0.5b")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    rows = conversations(args.batch * (args.steps + args.warmup) * 2, args.seq)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model_dir = build_model(args.size, folder, args.seq)
+        trainer, stage = posttrain_trainer(model_dir, rows, args, folder / "posttrain")
+        clock_cb = clock(args.warmup)
+        trainer.add_callback(clock_cb)
+        trainer.train()
+        results["posttrain default"] = clock_cb.tokens_per_s()
+        model = trainer.model
+        results["raw PyTorch loop"] = raw_loop(model_dir, trainer, args)
+        trl = trl_default_trainer(model_dir, rows, args, folder / "trl")
+        clock_cb = clock(args.warmup)
+        trl.add_callback(clock_cb)
+        trl.train()
+        results["TRL SFTTrainer defaults"] = clock_cb.tokens_per_s()
+        trl_precision = "bf16" if trl.args.bf16 else "fp32"
+    lengths = [len(r["messages"][0]["content"]) + len(r["messages"][1]["content"]) for r in rows]
+    per_token = flops_per_token(model, min(args.seq, sum(lengths) / len(lengths) / 2))
+    peak = peak_flops()
+    base = results["TRL SFTTrainer defaults"]
+    raw = results["raw PyTorch loop"]
+    header = ["run", "tokens/s", "vs TRL default", "vs raw loop", "MFU"]
+    table, records = [], []
+    for name, rate in results.items():
+        mfu = rate * per_token / peak
+        table.append([name, round(rate), f"{rate / base:.2f}x", f"{rate / raw:.2f}x", f"{100 * mfu:.1f}%"])
+        records.append({"run": name, "tokens_per_s": round(rate, 1), "vs_trl": round(rate / base, 3),
+                        "vs_raw": round(rate / raw, 3), "mfu": round(mfu, 4), "size": args.size, "seq": args.seq,
+                        "batch": args.batch, "steps": args.steps})  # fmt: skip
+    report("sft_throughput", header, table, records)
+    settings = f"group_by_length={stage.group_by_length}, activation_checkpointing={stage.activation_checkpointing}"
+    print(
+        f"posttrain: {settings}; TRL default: {trl_precision}, gradient_checkpointing={trl.args.gradient_checkpointing}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""DPO reference log-probs computed once and kept on disk beside the reference artifact.
+
+TRL can precompute the reference model's log-probs of every chosen and rejected reply
+before training (`precompute_ref_log_probs`), so no reference forward pass runs per step.
+Its own cache lives in a temporary folder for in-memory datasets; this keeps the two
+columns in `<reference artifact>/ref_logps/<split>-<key>.parquet` (the base model's under
+`<cache>/ref_logps/<base key>/`), keyed by the reference's stage key, the model's dtype and
+attention, and the tokenized rows themselves, so every later stage or sweep point over
+the same reference and data reuses them. The policy equals the reference when the
+trainer is built, so no second copy of the weights is loaded to compute them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@dataclass(frozen=True)
+class RefLogpsCache:
+    """Where a stage's reference log-probs are kept and what identifies the reference."""
+
+    folder: Path
+    reference_key: str
+    # the model's dtype and attention implementation (they change the numbers)
+    model_settings: str
+
+
+def rows_digest(dataset: Dataset) -> str:
+    """sha256 of the tokenized rows (their arrow buffers), independent of how they were made."""
+    import pyarrow as pa
+
+    table = dataset.select_columns([c for c in TOKEN_COLUMNS if c in dataset.column_names]).data.table
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def cache_path(cache: RefLogpsCache, split: str, dataset: Dataset) -> Path:
+    identity = f"{cache.reference_key}|{cache.model_settings}|{rows_digest(dataset)}"
+    return cache.folder / f"{split}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.parquet"
+
+
+def caching_dpo_trainer(cache: RefLogpsCache, log):
+    """TRL's DPOTrainer whose precomputed reference log-probs are read from / written to `folder`."""
+    from datasets import Dataset, concatenate_datasets
+    from trl import DPOTrainer
+
+    class CachingDPOTrainer(DPOTrainer):
+        # split name -> "cache" or "computed", for tests and the log
+        ref_logps_source: dict[str, str] = {}
+
+        def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+            path = cache_path(cache, name, dataset)
+            if path.is_file():
+                cached = Dataset.from_parquet(str(path))
+                if len(cached) == len(dataset):
+                    self.ref_logps_source = {**self.ref_logps_source, name: "cache"}
+                    log(f"reference log-probs of the {name} rows reused from {path}")
+                    return concatenate_datasets([dataset, cached], axis=1)
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            self.ref_logps_source = {**self.ref_logps_source, name: "computed"}
+            if self.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+                out.select_columns(list(COLUMNS)).to_parquet(str(tmp))
+                tmp.replace(path)
+                log(f"reference log-probs of the {name} rows saved to {path}")
+            return out
+
+    return CachingDPOTrainer
