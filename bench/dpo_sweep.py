@@ -1,6 +1,6 @@
 """DPO pairs/s over a sweep of 3 beta values: posttrain's dpo stage vs TRL's DPOTrainer defaults.
 
-    python bench/dpo_sweep.py                         # 20M Llama, seq 512, CPU: ~4 min
+    python bench/dpo_sweep.py                         # 20M Llama, seq 512, CPU: ~10 min
     python bench/dpo_sweep.py --size qwen0.5b --seq 1024 --batch 8    # a GPU
 
 The same reference model (a local folder: what an SFT stage leaves) and the same pairs for
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--size", default="20m", help="tiny, 20m, qwen0.5b")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--betas", default="0.05,0.1,0.5")
     args = parser.parse_args()
     betas = [float(b) for b in args.betas.split(",")]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU path in one go (bf16, sdpa on CUDA, throughput and MFU, the default recipe end to end).
-#   bash bench/gpu_checks.sh OUT_DIR
+#   bash bench/gpu_checks.sh OUT_DIR [all|bench]
 # On a GPU machine with no package index: carry wheels of what it lacks in .whl/ (trl, datasets,
 # hydra-core, omegaconf, antlr4-python3-runtime, transformers, dill, multiprocess); they are
 # installed into /tmp/site first.
 set -o pipefail
 out=${1:-/tmp/gpu-checks}
+what=${2:-all}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -14,10 +15,14 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)" | tee -a "$out/gpu.txt"
-(cd bench && timeout 240 python3 sft_throughput.py --size qwen0.5b --seq 2048 --batch 8 --steps 10 --warmup 3) 2>&1 \
+(cd bench && timeout 240 python3 sft_throughput.py --size qwen0.5b --seq 2048 --batch 8 --steps 10 --profile) 2>&1 \
   | grep -v -i warn | tee "$out/sft_throughput.log"
-(cd bench && timeout 200 python3 dpo_sweep.py --size qwen0.5b --seq 1024 --batch 8 --steps 6) 2>&1 \
-  | grep -v -i warn | tee "$out/dpo_sweep.log"
-timeout 200 python3 -m posttrain.cli run.output_dir=/tmp/default-run run.cache_dir=/tmp/posttrain-cache 2>&1 \
-  | grep -v -i warn | tail -40 | tee "$out/default_recipe.log"
+(cd bench && timeout 150 python3 sft_throughput.py --size qwen0.5b --seq 2048 --batch 8 --steps 10 \
+  --set sft.group_by_length=true) 2>&1 | grep -v -i warn | tail -8 | tee "$out/sft_throughput_grouped.log"
+(cd bench && timeout 200 python3 dpo_sweep.py --size qwen0.5b --seq 1024 --batch 8 --steps 30) 2>&1 \
+  | grep -v -i warn | tail -8 | tee "$out/dpo_sweep.log"
+if [ "$what" = all ]; then
+  timeout 200 python3 -m posttrain.cli run.output_dir=/tmp/default-run run.cache_dir=/tmp/posttrain-cache 2>&1 \
+    | grep -v -i warn | tail -40 | tee "$out/default_recipe.log"
+fi
 cp bench/results/*.jsonl "$out/" 2>/dev/null

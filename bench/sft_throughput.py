@@ -1,6 +1,6 @@
 """SFT tokens/s: posttrain's default stage vs TRL's SFTTrainer with its defaults vs a raw PyTorch loop.
 
-    python bench/sft_throughput.py                          # 20M Llama, seq 512, CPU: ~4 min
+    python bench/sft_throughput.py                          # 20M Llama, seq 512, CPU: ~6 min
     python bench/sft_throughput.py --size qwen0.5b --seq 2048 --batch 16   # a GPU
 
 Same random-init model (a local folder, loaded with from_pretrained), same variable-length
@@ -48,8 +48,9 @@ def flops_per_token(model, seq: float) -> float:
     return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
 
 
-def clock(warmup: int):
-    """A callback recording time and real tokens seen after the warm-up steps."""
+def clock(warmup: int, budget: float):
+    """A callback recording time and real tokens seen after the warm-up steps; it ends training
+    once `budget` seconds were timed (a slow configuration still gives its rate)."""
     import torch
     from transformers import TrainerCallback
 
@@ -64,6 +65,8 @@ def clock(warmup: int):
             if state.global_step == warmup:
                 self.start, self.tokens0 = now, state.num_input_tokens_seen
             self.end, self.tokens1 = now, state.num_input_tokens_seen
+            if self.start is not None and now - self.start > budget:
+                control.should_training_stop = True
 
         def tokens_per_s(self) -> float:
             return (self.tokens1 - self.tokens0) / (self.end - self.start)
@@ -90,6 +93,7 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
         f"sft.max_length={args.seq}",
         f"sft.max_steps={args.steps + args.warmup}",
         f"sft.per_device_train_batch_size={args.batch}",
+        *args.set,
         "sft.learning_rate=1e-4",
         "sft.logging_steps=1000",
     ]
@@ -149,7 +153,30 @@ def raw_loop(model_dir: Path, trainer, args) -> float:
             start = time.perf_counter()
         elif step + 1 > args.warmup:
             tokens += int(batch["attention_mask"].sum())
+            if time.perf_counter() - start > args.budget:
+                break
     return tokens / (time.perf_counter() - start)
+
+
+def profile_posttrain(trainer) -> None:
+    """Top operators of posttrain's steps 3-4 (GPU: by CUDA time), to see where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=2))
+
+    class Step(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            prof.step()
+
+    trainer.args.max_steps = 4
+    trainer.add_callback(Step())
+    with prof:
+        trainer.train()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20))
 
 
 def main() -> None:
@@ -158,7 +185,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds timed per run at most")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of posttrain's steps")
+    parser.add_argument("--set", action="append", default=[], help="a posttrain override: sft.group_by_length=true")
     args = parser.parse_args()
     rows = conversations(args.batch * (args.steps + args.warmup) * 2, args.seq)
     results = {}
@@ -166,14 +196,16 @@ def main() -> None:
         folder = Path(tmp)
         model_dir = build_model(args.size, folder, args.seq)
         trainer, stage = posttrain_trainer(model_dir, rows, args, folder / "posttrain")
-        clock_cb = clock(args.warmup)
+        clock_cb = clock(args.warmup, args.budget)
         trainer.add_callback(clock_cb)
         trainer.train()
         results["posttrain default"] = clock_cb.tokens_per_s()
         model = trainer.model
+        if args.profile:
+            profile_posttrain(posttrain_trainer(model_dir, rows, args, folder / "profiled")[0])
         results["raw PyTorch loop"] = raw_loop(model_dir, trainer, args)
         trl = trl_default_trainer(model_dir, rows, args, folder / "trl")
-        clock_cb = clock(args.warmup)
+        clock_cb = clock(args.warmup, args.budget)
         trl.add_callback(clock_cb)
         trl.train()
         results["TRL SFTTrainer defaults"] = clock_cb.tokens_per_s()
@@ -190,7 +222,7 @@ def main() -> None:
         table.append([name, round(rate), f"{rate / base:.2f}x", f"{rate / raw:.2f}x", f"{100 * mfu:.1f}%"])
         records.append({"run": name, "tokens_per_s": round(rate, 1), "vs_trl": round(rate / base, 3),
                         "vs_raw": round(rate / raw, 3), "mfu": round(mfu, 4), "size": args.size, "seq": args.seq,
-                        "batch": args.batch, "steps": args.steps})  # fmt: skip
+                        "batch": args.batch, "steps": args.steps, "set": args.set})  # fmt: skip
     report("sft_throughput", header, table, records)
     settings = f"group_by_length={stage.group_by_length}, activation_checkpointing={stage.activation_checkpointing}"
     print(

@@ -192,12 +192,42 @@ def _hydra_main(tree: DictConfig) -> float | None:
     return objective_value(summary, str(tree.sweep.objective)) if summary else None
 
 
+def help_text(overrides: list[str]) -> str:
+    """Hydra's help page (header, config groups, the composed config, footer), built directly:
+    Hydra's own lists every group by composing it once more (~1 s of a 2 s `--help`)."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(config_dir())
+    texts = yaml.safe_load((conf / "config.yaml").read_text())["hydra"]["help"]
+    groups = sorted(d for d in conf.iterdir() if d.is_dir() and d.name != "hydra")
+    options = [f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3", job_name="posttrain"):
+        config = OmegaConf.to_yaml(compose("config", overrides=overrides))
+    return "\n".join(
+        [
+            texts["header"],
+            "== Configuration groups ==",
+            "Compose your configuration from those groups (group=option)\n",
+            *options,
+            "\n\n== Config ==",
+            "Override anything in the config (foo.bar=value)\n",
+            config,
+            texts["footer"],
+        ]
+    )
+
+
 def main() -> None:
     if sys.argv[1:2] == ["show"]:
         from posttrain.show import main as show
 
         sys.exit(show(sys.argv[2:]))
-    sys.argv = [sys.argv[0], *_shorthands(sys.argv[1:])]
+    args = _shorthands(sys.argv[1:])
+    if "--help" in args or "-h" in args:
+        print(help_text([a for a in args if a not in ("--help", "-h")]))
+        return
+    sys.argv = [sys.argv[0], *args]
     _hydra_main()
 
 

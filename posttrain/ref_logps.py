@@ -60,6 +60,19 @@ def caching_dpo_trainer(cache: RefLogpsCache, log):
         # split name -> "cache" or "computed", for tests and the log
         ref_logps_source: dict[str, str] = {}
 
+        def __init__(self, *args, **kwargs):
+            # TRL names the reference by hashing every weight (seconds for a 0.5B model, each time
+            # a trainer is built); its stage key and settings name it as well.
+            from trl.trainer import dpo_trainer
+
+            hash_weights = dpo_trainer.hash_module
+            identity = hashlib.sha256(f"{cache.reference_key}|{cache.model_settings}".encode()).hexdigest()
+            dpo_trainer.hash_module = lambda module: identity
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                dpo_trainer.hash_module = hash_weights
+
         def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
             path = cache_path(cache, name, dataset)
             if path.is_file():

@@ -18,6 +18,12 @@ def test_help_lists_groups_and_recipes():
     assert "recipe: qwen2_5_0_5b_sft_orpo, tiny_sft_dpo, tiny_sft_orpo, zephyr_sft_dpo" in proc.stdout
 
 
+def test_help_shows_the_config_with_overrides_applied():
+    proc = posttrain("align=orpo", "-h")
+    assert proc.returncode == 0, proc.stderr
+    assert "== Config ==" in proc.stdout and "method: orpo" in proc.stdout
+
+
 def test_cfg_job_prints_the_composed_config():
     proc = posttrain("--cfg", "job", "align=orpo", "align.beta=0.2")
     assert proc.returncode == 0
