@@ -81,7 +81,7 @@ def detect(columns: list[str], kind: str, fmt: str, first_chosen=None) -> str:
     allowed = KIND_FORMATS[kind]
     if fmt != "auto":
         if fmt not in allowed:
-            raise FormatError(f"format {fmt!r} does not fit a {kind} stage; allowed: {', '.join(allowed)}")
+            raise FormatError(f"format {fmt!r} does not fit this {kind} stage; allowed: {', '.join(allowed)}")
         missing = [c for c in REQUIRED[fmt] if c not in present]
         if missing:
             raise FormatError(f"format {fmt}: {_missing(missing, columns)}")
@@ -92,17 +92,18 @@ def detect(columns: list[str], kind: str, fmt: str, first_chosen=None) -> str:
                 return "hh"
             return candidate
     other = next((f for k, fs in KIND_FORMATS.items() if k != kind for f in fs if _fits(f, present)), None)
-    hint = f"these rows look like {other} rows, which a {kind} stage cannot train on; " if other else ""
+    stage = f"{'an' if kind == 'unpaired' else 'a'} {kind} stage"
+    hint = f"these rows look like {other} rows, which {stage} cannot train on; " if other else ""
     wanted = "; ".join(f"{f} ({', '.join(REQUIRED[f])})" for f in allowed)
     close = _close_matches([c for f in allowed for c in REQUIRED[f] if c not in present], columns)
     raise FormatError(
-        f"{hint}a {kind} stage needs the columns of one of: {wanted}; found: {', '.join(columns)}"
+        f"{hint}{stage} needs the columns of one of: {wanted}; found: {', '.join(columns)}"
         f"{close}; rename columns with `columns: {{field: your_column}}`"
     )
 
 
 def _close_matches(names: list[str], columns: list[str]) -> str:
-    """' (did you mean: chosne for chosen?)' for columns that look like misspelled field names."""
+    """ " (did you mean 'chosne' for 'chosen'?)" for columns that look like misspelled field names."""
     pairs = []
     for name in dict.fromkeys(names):
         close = difflib.get_close_matches(name, columns, n=1, cutoff=0.7)
