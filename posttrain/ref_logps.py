@@ -52,7 +52,7 @@ def cache_path(cache: RefLogpsCache, split: str, dataset: Dataset) -> Path:
 
 
 def caching_dpo_trainer(cache: RefLogpsCache, log):
-    """TRL's DPOTrainer whose precomputed reference log-probs are read from / written to `folder`."""
+    """TRL's DPOTrainer whose precomputed reference log-probs are read from / written to `cache.folder`."""
     from datasets import Dataset, concatenate_datasets
     from trl import DPOTrainer
 
