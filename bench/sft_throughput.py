@@ -77,12 +77,9 @@ def clock(warmup: int, budget: float):
 def posttrain_trainer(model_dir: Path, rows, args, out: Path):
     """The `sft` stage as `posttrain` builds it, from the composed default config."""
     from datasets import Dataset
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
 
     from posttrain import models
-    from posttrain.cli import config_dir
+    from posttrain.cli import compose_tree
     from posttrain.config import load_config
     from posttrain.stages import STAGES
     from posttrain.stages.base import TrainerInputs, training_args
@@ -97,13 +94,7 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
         "sft.learning_rate=1e-4",
         "sft.logging_steps=1000",
     ]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="bench"):
-        composed = compose("config", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(composed)  # run.name and output_dir refer to hydra's settings
-        with open_dict(composed):
-            del composed["hydra"]
-        tree = OmegaConf.to_container(composed, resolve=True)
-    cfg = load_config(tree)
+    cfg = load_config(compose_tree(overrides))
     stage = cfg.stages["sft"]
     tokenizer = models.load_tokenizer(str(model_dir), cfg.model)
     train_args = training_args(stage, cfg, out) | {"include_num_input_tokens_seen": "non_padding", "disable_tqdm": True}

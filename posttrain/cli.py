@@ -192,6 +192,20 @@ def _hydra_main(tree: DictConfig) -> float | None:
     return objective_value(summary, str(tree.sweep.objective)) if summary else None
 
 
+def compose_tree(overrides: list[str]) -> dict:
+    """The config tree `posttrain <overrides>` would run, resolved to plain Python (tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="posttrain"):
+        tree = compose("config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(tree)  # run.name and output_dir refer to hydra's settings
+        with open_dict(tree):
+            del tree["hydra"]
+        return OmegaConf.to_container(tree, resolve=True)
+
+
 def help_text(overrides: list[str]) -> str:
     """Hydra's help page (header, config groups, the composed config, footer), built directly:
     Hydra's own lists every group by composing it once more (~1 s of a 2 s `--help`)."""

@@ -47,17 +47,18 @@ def load_all_data(cfg: Config, tokenizer) -> dict[str, StageData]:
     if _uses_builtin(cfg):
         spec = cfg.data.builtin
         builtin_folder = write_tasks(spec, cfg.run.cache_path / "data" / f"builtin-{spec.fingerprint()}")
-    data = {}
+    data, reports = {}, []
     for name, stage in cfg.stages.items():
         kind = STAGES[stage.method].data_kind
         try:
             data[name] = load_stage_data(stage.data, kind, builtin_folder, cfg.run.seed, tokenizer, stage.max_length)
         except DataError as e:
             raise DataError(f"{name}.data: {e}") from None
-        print(format_report(name, data[name].report), flush=True)
+        reports.append(format_report(name, data[name].report))
+        print(reports[-1], flush=True)
     out = cfg.run.output_path
     artifacts.write_json_atomic(out / "data_report.json", {name: d.report for name, d in data.items()})
-    (out / "data_report.md").write_text("\n\n".join(format_report(n, d.report) for n, d in data.items()) + "\n")
+    (out / "data_report.md").write_text("\n\n".join(reports) + "\n")
     max_lengths = {name: stage.max_length for name, stage in cfg.stages.items()}
     plot_lengths({name: d.lengths for name, d in data.items()}, max_lengths, out / "data_lengths.png")
     return data

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from posttrain import artifacts
 from posttrain.config import Config, ConfigError, DataSource, ModelConfig, StageConfig
 from posttrain.data.builtin import TaskSpec
-from posttrain.data.load import FILE_BUILDERS, file_type
+from posttrain.data.load import data_files
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
@@ -68,8 +68,7 @@ def data_fingerprint(src: DataSource, builtin: TaskSpec) -> str:
         elif local.is_file():
             content["sources"].append({local.name: file_digest(local)})
         elif local.is_dir():
-            files = sorted(f for f in local.rglob("*") if f.is_file() and file_type(f) in FILE_BUILDERS)
-            content["sources"].append({str(f.relative_to(local)): file_digest(f) for f in files})
+            content["sources"].append({str(f.relative_to(local)): file_digest(f) for f in data_files(local)})
         else:
             content["sources"].append({"hub": source.path})
     return hash_json(content)

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
 
-from posttrain.cli import config_dir
+from posttrain.cli import compose_tree  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,18 +23,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache for the whole session, so the tiny model and the data are built once."""
     return tmp_path_factory.mktemp("posttrain-cache")
-
-
-def compose_tree(overrides: list[str]) -> dict:
-    """The config tree `posttrain <overrides>` would run, resolved to plain Python."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="test"):
-        tree = compose("config", overrides=overrides, return_hydra_config=True)
-        from hydra.core.hydra_config import HydraConfig
-
-        HydraConfig.instance().set_config(tree)
-        with open_dict(tree):
-            del tree["hydra"]
-        return OmegaConf.to_container(tree, resolve=True)
 
 
 # A few-step SFT -> alignment on the tiny model: small enough for the default test run.

@@ -76,7 +76,7 @@ class Origin:
 
 def _row_positions(f: Path) -> list[str] | None:
     """Each row's position in a local file (error path only: reads the file)."""
-    if f.suffix in (".json", ".jsonl") and not _is_json_array(f):
+    if _is_json_lines(f):
         with f.open() as lines:
             return [f"line {n}" for n, line in enumerate(lines, 1) if line.strip()]
     if f.suffix == ".parquet":
@@ -86,9 +86,12 @@ def _row_positions(f: Path) -> list[str] | None:
     return None
 
 
-def _is_json_array(f: Path) -> bool:
+def _is_json_lines(f: Path) -> bool:
+    """An uncompressed .json/.jsonl file holding one object per line (not one JSON array)."""
+    if f.suffix not in (".json", ".jsonl"):
+        return False
     with f.open() as text:
-        return text.read(1000).lstrip().startswith("[")
+        return not text.read(1000).lstrip().startswith("[")
 
 
 def _scan_json_lines(f: Path) -> list[dict]:
@@ -122,12 +125,17 @@ def _split_files(folder: Path, split: str) -> list[Path]:
 SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 
 
+def data_files(folder: Path) -> list[Path]:
+    """Every file under `folder` that a builder reads, sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and file_type(f) in FILE_BUILDERS)
+
+
 def _folder_files(folder: Path, split: str) -> list[Path]:
     """The files of one split of a local folder: named after the split, or, in a folder of
     plain data files with no split names and no dataset card, all of them as `train`."""
     if files := _split_files(folder, split):
         return files
-    found = sorted(f for f in folder.rglob("*") if f.is_file() and file_type(f) in FILE_BUILDERS)
+    found = data_files(folder)
     named = any(f.name.startswith(SPLIT_NAMES) for f in found)
     if split != "train" or named or (folder / "README.md").exists() or not found:
         return []  # a hub-style folder: datasets reads its card
@@ -193,7 +201,7 @@ def _explain_load_failure(files: list[Path], src: SourceConfig, kind: str) -> No
     """The library could not read a JSON-lines file: find the malformed line, or the row and
     field whose type differs from the others, and raise that instead."""
     for f in files:
-        if f.suffix not in (".json", ".jsonl") or _is_json_array(f):
+        if not _is_json_lines(f):
             continue
         rows = _scan_json_lines(f)
         if not rows:
