@@ -228,6 +228,11 @@ class StageConfig:
 
     method: str = "none"
     init_from: str = "previous"
+    # the frozen model a method with a reference compares the policy with: null (the stage it
+    # starts from), base, or an earlier stage; reference-free methods take none
+    reference: str | None = None
+    # PEFT for this stage: null (the peft group's method), none (full fine-tuning), lora, qlora
+    peft: str | None = None
     data: DataSource = field(default_factory=DataSource)
     learning_rate: float = 1e-5
     num_train_epochs: float = 1.0
@@ -258,6 +263,8 @@ class StageConfig:
         require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (steps, or a ratio below 1)")
         require(self.max_length is None or self.max_length > 0, f"{key}.max_length", "must be > 0 or null")
         require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"{self.checkpoint_steps} must be >= 0")
+        peft_methods = (None, *PEFT_METHODS)
+        require(self.peft in peft_methods, f"{key}.peft", f"{self.peft!r} is not one of null, {', '.join(PEFT_METHODS)}")
         if self.gate.min_exact_match is not None:
             require(self.eval.exact_match, f"{key}.gate.min_exact_match", f"needs {key}.eval.exact_match=true")
         if self.gate.min_win_rate is not None:
@@ -268,17 +275,31 @@ class StageConfig:
 # --- the rest --------------------------------------------------------------------------
 
 
+PEFT_METHODS = ("none", "lora", "qlora")
+HANDOFFS = ("merge", "stack")
+
+
 @dataclass
 class PeftConfig:
+    # none, lora, or qlora (LoRA on a 4-bit NF4 base: needs a CUDA GPU and bitsandbytes)
     method: str = "none"
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     # null: the model's lora_target_modules
     target_modules: list[str] | None = None
+    # how a LoRA stage's adapter reaches the next stage: merge (into the weights the next
+    # stage loads; its reference is the merged model) or stack (the next stage loads the
+    # base plus every earlier adapter, frozen, and trains a new one on top; its reference is
+    # the model with the new adapter off)
+    handoff: str = "merge"
+    # also save each LoRA stage's own adapter (`<stage>/adapter/`) beside its merged model
+    save_adapter: bool = False
 
     def __post_init__(self) -> None:
-        require(self.method in ("none", "lora"), "peft.method", f"{self.method!r} is not one of none, lora")
+        methods = ", ".join(PEFT_METHODS)
+        require(self.method in PEFT_METHODS, "peft.method", f"{self.method!r} is not one of {methods}")
+        require(self.handoff in HANDOFFS, "peft.handoff", f"{self.handoff!r} is not one of {', '.join(HANDOFFS)}")
         require(self.r > 0, "peft.r", f"{self.r} must be > 0")
 
 
@@ -361,6 +382,92 @@ class Config:
     sweep: SweepConfig
     # stage name -> its config, in chain order; stages whose method is `none` are left out
     stages: dict[str, StageConfig]
+
+
+# --- the chain as a whole ----------------------------------------------------------------
+
+# the built-in data: which stage kinds it fits
+BUILTIN_KINDS = {"builtin:sft": ("sft",), "builtin:preference": ("preference", "unpaired")}
+
+
+def stage_peft(stage: StageConfig, peft: PeftConfig) -> str:
+    """A stage's PEFT method: its own `peft`, else the peft group's."""
+    return stage.peft or peft.method
+
+
+def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
+    """Mistakes of the chain as a whole, found before anything loads: a reference given to a
+    reference-free method, a stage started from a reward model, data that does not fit a method,
+    QLoRA without a GPU."""
+    from posttrain.stages import STAGES
+
+    reward_models = {name for name, s in stages.items() if STAGES[s.method].model_kind == "reward"}
+    previous, earlier = "base", ["base"]
+    for name, stage in stages.items():
+        spec = STAGES[stage.method]
+        parent = previous if stage.init_from == "previous" else stage.init_from
+        require(
+            parent not in reward_models,
+            f"{name}.init_from",
+            f"{stage.init_from!r} is the reward model {parent!r}, which does not generate; "
+            f"start {stage.method} from one of: {', '.join(s for s in earlier if s not in reward_models)}",
+        )
+        if stage.reference is not None:
+            require(
+                spec.uses_reference,
+                f"{name}.reference",
+                f"{stage.method} is reference-free and takes no reference; remove {name}.reference "
+                f"(methods with one: {', '.join(m for m, s in STAGES.items() if s.uses_reference)})",
+            )
+            allowed = [s for s in earlier if s not in reward_models]
+            require(
+                stage.reference in allowed,
+                f"{name}.reference",
+                f"{stage.reference!r} is not a causal LM before {name!r}; allowed: {', '.join(allowed)}",
+            )
+        if spec.model_kind == "reward":  # evaluated by held-out reward accuracy; eval.exact_match is ignored
+            require(stage.eval.judge is None, f"{name}.eval.judge", "a reward model does not generate; set null")
+            bound = stage.gate.min_exact_match
+            require(bound is None, f"{name}.gate.min_exact_match", "a reward model does not generate; set null")
+        _check_data_fits(name, stage, spec.data_kind)
+        if stage_peft(stage, peft) == "qlora":
+            _check_qlora(f"{name}.peft" if stage.peft else "peft.method")
+        previous = name
+        earlier.append(name)
+
+
+def _check_data_fits(name: str, stage: StageConfig, kind: str) -> None:
+    sources = stage.data.source_list()
+    for i, source in enumerate(sources):
+        key = f"{name}.data.sources[{i}]" if stage.data.sources else f"{name}.data"
+        fits = formats.KIND_FORMATS[kind]
+        if source.format != "auto":
+            require(
+                source.format in fits,
+                f"{key}.format",
+                f"{source.format!r} rows do not fit {stage.method} ({kind} data); allowed: {', '.join(fits)}",
+            )
+        kinds = BUILTIN_KINDS.get(source.path)
+        if kinds is not None:
+            other = next(p for p, k in BUILTIN_KINDS.items() if kind in k)
+            require(
+                kind in kinds,
+                f"{key}.path",
+                f"{source.path} is {kinds[0]} data and does not fit {stage.method} ({kind} data); use {other}",
+            )
+
+
+def _check_qlora(key: str) -> None:
+    import importlib.util
+
+    require(
+        importlib.util.find_spec("bitsandbytes") is not None,
+        key,
+        "qlora needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; on this machine use lora",
+    )
+    import torch
+
+    require(torch.cuda.is_available(), key, "qlora needs a CUDA GPU (4-bit NF4 weights); on this machine use lora")
 
 
 # --- building dataclasses from the composed tree ---------------------------------------
@@ -468,6 +575,7 @@ def load_config(tree: dict) -> Config:
         require(is_stage, name, f"unknown key; allowed: {', '.join([*sections, *run.stages])}")
         require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
     require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
+    check_chain(stages, built["peft"])
     objective_stage = built["sweep"].objective.split(".")[0]
     require(
         objective_stage in ["base", *run.stages],

@@ -145,12 +145,26 @@ def marks_assistant_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
     return "{% generation %}" in (tokenizer.chat_template or "").replace("{%-", "{%").replace("-%}", "%}")
 
 
-def load_model(source: str, cfg: ModelConfig) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
+def load_model(
+    source: str, cfg: ModelConfig, kind: str = "causal_lm", quantize_4bit: bool = False, pad_token_id: int | None = None
+) -> PreTrainedModel:
+    """A causal LM, or (kind `reward`) the same weights under a scalar sequence-classification head
+    (a new head when `source` is a causal LM); `quantize_4bit`: NF4 weights for QLoRA (CUDA only)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForCausalLM.from_pretrained(
-        source,
-        revision=_revision(source, cfg),
-        dtype=torch_dtype(cfg.dtype),
-        attn_implementation=cfg.attn_implementation,
-    )
+    kwargs = dict(revision=_revision(source, cfg), dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+    if quantize_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if kind == "reward":
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, pad_token_id=pad_token_id, **kwargs
+        )
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)

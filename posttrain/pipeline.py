@@ -125,7 +125,8 @@ def reused_stage(run: StageRun, cfg: Config, tokenizer, eval_rows) -> tuple[dict
     """A complete artifact's metrics; its held-out evaluation is redone if the evaluation settings changed."""
     manifest = artifacts.read_manifest(run.folder) or {}
     metrics, replies = dict(manifest.get("metrics", {})), manifest.get("replies", [])
-    if manifest.get("eval_key") != stage_cache.eval_key(run.stage, cfg):
+    generates = STAGES[run.stage.method].model_kind == "causal_lm"
+    if generates and manifest.get("eval_key") != stage_cache.eval_key(run.stage, cfg):
         log(f"stage {run.name}: evaluation settings changed, evaluating the reused model again")
         model = models.load_model(str(run.folder), cfg.model)
         eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
@@ -192,7 +193,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         for name, stage in cfg.stages.items():
             guard.check(f"before stage {name}")
             parent = previous if stage.init_from == "previous" else done[stage.init_from]
-            run = StageRun(name, stage, keys[name], parent, data[name], out / name)
+            reference = done[stage.reference] if stage.reference else None
+            run = StageRun(name, stage, keys[name], parent, data[name], out / name, reference=reference)
             status, metrics, replies[name] = reuse_or_run(run, cfg, tokenizer, eval_rows, guard, timings)
             if stage.eval.judge:
                 metrics = {**metrics, **judged(name, stage, parent.name, replies)}

@@ -1,4 +1,4 @@
-"""DPO reference log-probs computed once and kept on disk beside the reference artifact.
+"""Reference log-probs (DPO, KTO) computed once and kept on disk beside the reference artifact.
 
 TRL can precompute the reference model's log-probs of every chosen and rejected reply
 before training (`precompute_ref_log_probs`), so no reference forward pass runs per step.
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from datasets import Dataset
 
-COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# the tokenized rows of a pair (DPO) or a single labelled reply (KTO)
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
 
 
 @dataclass(frozen=True)
@@ -51,27 +51,25 @@ def cache_path(cache: RefLogpsCache, split: str, dataset: Dataset) -> Path:
     return cache.folder / f"{split}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.parquet"
 
 
-def caching_dpo_trainer(cache: RefLogpsCache, log):
-    """TRL's DPOTrainer whose precomputed reference log-probs are read from / written to `cache.folder`."""
+def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log):
+    """A TRL trainer class (DPOTrainer, KTOTrainer) whose precomputed reference log-probs are read
+    from / written to `cache.folder`; `trainer_module` is the module that defines it."""
     from datasets import Dataset, concatenate_datasets
-    from trl import DPOTrainer
 
-    class CachingDPOTrainer(DPOTrainer):
+    class CachingTrainer(trainer_cls):
         # split name -> "cache" or "computed", for tests and the log
         ref_logps_source: dict[str, str] = {}
 
         def __init__(self, *args, **kwargs):
             # TRL names the reference by hashing every weight (seconds for a 0.5B model, each time
             # a trainer is built); its stage key and settings name it as well.
-            from trl.trainer import dpo_trainer
-
-            hash_weights = dpo_trainer.hash_module
+            hash_weights = trainer_module.hash_module
             identity = hashlib.sha256(f"{cache.reference_key}|{cache.model_settings}".encode()).hexdigest()
-            dpo_trainer.hash_module = lambda module: identity
+            trainer_module.hash_module = lambda module: identity
             try:
                 super().__init__(*args, **kwargs)
             finally:
-                dpo_trainer.hash_module = hash_weights
+                trainer_module.hash_module = hash_weights
 
         def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
             path = cache_path(cache, name, dataset)
@@ -86,9 +84,19 @@ def caching_dpo_trainer(cache: RefLogpsCache, log):
             if self.accelerator.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-                out.select_columns(list(COLUMNS)).to_parquet(str(tmp))
+                added = [c for c in out.column_names if c not in dataset.column_names]
+                out.select_columns(added).to_parquet(str(tmp))
                 tmp.replace(path)
                 log(f"reference log-probs of the {name} rows saved to {path}")
             return out
 
-    return CachingDPOTrainer
+    CachingTrainer.__name__ = f"Caching{trainer_cls.__name__}"
+    return CachingTrainer
+
+
+def caching_dpo_trainer(cache: RefLogpsCache, log):
+    """TRL's DPOTrainer with its reference log-probs kept in `cache.folder`."""
+    from trl import DPOTrainer
+    from trl.trainer import dpo_trainer
+
+    return caching_trainer(DPOTrainer, dpo_trainer, cache, log)

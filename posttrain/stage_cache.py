@@ -103,14 +103,15 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     previous = "base"
     for name, stage in cfg.stages.items():
         parent = previous if stage.init_from == "previous" else stage.init_from
-        keys[name] = hash_json(
-            {
-                "config": stage_content(stage, cfg),
-                "parent": keys[parent],
-                "data": data_fingerprint(stage.data, cfg.data.builtin),
-                "version": KEY_VERSION,
-            }
-        )
+        content = {
+            "config": stage_content(stage, cfg),
+            "parent": keys[parent],
+            "data": data_fingerprint(stage.data, cfg.data.builtin),
+            "version": KEY_VERSION,
+        }
+        if stage.reference:
+            content["reference"] = keys[stage.reference]
+        keys[name] = hash_json(content)
         previous = name
     return keys
 

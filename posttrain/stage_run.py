@@ -16,22 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import artifacts, models, stage_cache
+from posttrain import artifacts, models, peft_handoff, stage_cache
 from posttrain.artifacts import Artifact
-from posttrain.config import Config, StageConfig
+from posttrain.config import Config, StageConfig, stage_peft
 from posttrain.data.load import StageData
 from posttrain.evaluate import evaluate_model
 from posttrain.plots import plot_curves
 from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.ref_logps import RefLogpsCache
 from posttrain.stages import STAGES
-from posttrain.stages.base import (
-    TrainerInputs,
-    lora_config,
-    metrics_logger,
-    training_args,
-    use_stage_progress_bar,
-)
+from posttrain.stages.base import TrainerInputs, metrics_logger, training_args, use_stage_progress_bar
 from posttrain.tracking import StageTracker
 
 if TYPE_CHECKING:
@@ -49,6 +43,12 @@ class StageRun:
     data: StageData
     folder: Path
     checkpoint: Path | None = None
+    # what a method with a reference compares the policy with (default: the parent)
+    reference: Artifact | None = None
+
+    @property
+    def reference_artifact(self) -> Artifact:
+        return self.reference or self.parent
 
 
 def train_stage(
@@ -57,13 +57,30 @@ def train_stage(
     """Train one stage from its parent (or its checkpoint); return the trained, LoRA-merged model
     and the trainer's metrics, or (None, {}) when a preemption signal stopped it at a checkpoint."""
     spec = STAGES[run.stage.method]
-    model = models.load_model(run.parent.source, cfg.model)
-    peft_config = lora_config(cfg)
-    # With LoRA the reference is the policy with its adapter disabled, and precomputed
-    # reference log-probs come from the policy before its first step: no second copy.
-    precompute = getattr(run.stage, "precompute_ref_log_probs", False)
-    use_ref = spec.uses_reference and peft_config is None and not precompute
-    ref_model = models.load_model(run.parent.source, cfg.model) if use_ref else None
+    method = stage_peft(run.stage, cfg.peft)
+    stack = method != "none" and cfg.peft.handoff == "stack" and spec.model_kind == "causal_lm"
+    # merge: train on the parent's (merged) weights; stack: on its base, under its adapters
+    base, earlier = (run.parent.source, [])
+    if stack:
+        chain = peft_handoff.lineage(run.parent.source)
+        base, earlier = chain["base"], chain["adapters"]
+
+    def load(source: str, quantize: bool = False) -> PreTrainedModel:
+        return models.load_model(source, cfg.model, spec.model_kind, quantize, tokenizer.pad_token_id)
+
+    model = load(base, quantize=method == "qlora")
+    peft_config = None
+    if method != "none":
+        peft_config = peft_handoff.lora_config(cfg.peft, cfg.model, spec.model_kind)
+        if earlier:
+            model, peft_config = peft_handoff.stack_adapters(model, earlier, peft_config), None
+    # The policy before its first step is the parent: it gives the parent's reference log-probs
+    # (precomputed, or with its LoRA adapter off). Only another reference is loaded beside it.
+    reference = run.reference_artifact
+    own_reference = reference.key == run.parent.key and (
+        method != "none" or getattr(run.stage, "precompute_ref_log_probs", False)
+    )
+    ref_model = load(reference.source) if spec.uses_reference and not own_reference else None
     trainer = spec.make_trainer(
         TrainerInputs(
             cfg=run.stage,
@@ -88,19 +105,25 @@ def train_stage(
     if run.data.eval is not None:
         metrics.update(trainer.evaluate())
     trained = trainer.model
-    if peft_config is not None:
-        trained = trained.merge_and_unload()
+    if method != "none":
+        adapters = earlier
+        if stack or cfg.peft.save_adapter or method == "qlora":
+            adapters = peft_handoff.save_adapter(trained, run.folder, base, earlier, stack)
+        trained = peft_handoff.merged_model(trained, base, adapters, load)
     del trainer, ref_model
     return trained, metrics
 
 
 def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:
     """Reference log-probs live beside the reference artifact (the base model's in the cache)."""
-    parent = run.parent
-    folder = Path(parent.source) / "ref_logps"
-    if parent.name == "base":
-        folder = cfg.run.cache_path / "ref_logps" / parent.key
-    return RefLogpsCache(folder, parent.key, f"{cfg.model.dtype}|{cfg.model.attn_implementation}|{cfg.peft.method}")
+    reference = run.reference_artifact
+    folder = Path(reference.source) / "ref_logps"
+    if reference.name == "base":
+        folder = cfg.run.cache_path / "ref_logps" / reference.key
+    # a 4-bit (QLoRA) policy computes 4-bit reference log-probs
+    quantized = stage_peft(run.stage, cfg.peft) == "qlora"
+    settings = f"{cfg.model.dtype}|{cfg.model.attn_implementation}|{'nf4' if quantized else 'full'}"
+    return RefLogpsCache(folder, reference.key, settings)
 
 
 def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> float:
@@ -209,8 +232,11 @@ def run_stage(
                 artifacts.write_json_atomic(manifest_path, manifest)
                 raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
             t = time.time()
-            eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
-            metrics.update(eval_metrics)
+            if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model does not generate
+                eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
+                metrics.update(eval_metrics)
+            else:
+                replies = []
             tracker.log_final(metrics, int(metrics.get("train_steps", 0)))
             timings[f"eval:{run.name}"] = time.time() - t
         t = time.time()

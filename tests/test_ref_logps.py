@@ -8,9 +8,11 @@ from posttrain import models
 from posttrain.config import DataSource, ModelConfig
 from posttrain.data.builtin import TaskSpec, write_tasks
 from posttrain.data.load import load_stage_data
-from posttrain.ref_logps import COLUMNS, RefLogpsCache
+from posttrain.ref_logps import RefLogpsCache
 from posttrain.stages import STAGES
 from posttrain.stages.base import TrainerInputs
+
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @pytest.fixture(scope="module")

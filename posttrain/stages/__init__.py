@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from posttrain.stages import dpo, orpo, sft
+from posttrain.stages import cpo, dpo, kto, orpo, rm, sft, simpo
 from posttrain.stages.base import StageSpec
 
 STAGES: dict[str, StageSpec] = {
     "sft": sft.STAGE,
     "dpo": dpo.STAGE,
     "orpo": orpo.STAGE,
+    "kto": kto.STAGE,
+    "cpo": cpo.STAGE,
+    "simpo": simpo.STAGE,
+    "rm": rm.STAGE,
 }

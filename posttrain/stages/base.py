@@ -57,15 +57,18 @@ class StageSpec:
     """A method as the pipeline sees it."""
 
     config_cls: type
-    # which rows the method trains on
-    data_kind: Literal["sft", "preference"]
-    # True: a frozen reference model (the parent artifact) is loaded beside the policy
+    # which rows the method trains on: conversations, preference pairs, or single replies
+    # labelled good/bad (a preference source is split into two such rows per pair)
+    data_kind: Literal["sft", "preference", "unpaired"]
+    # True: the policy is compared with a frozen reference model (by default the stage's parent)
     uses_reference: bool
     make_trainer: Callable[[TrainerInputs], Trainer]
     # TRL's config class for the method, imported on call (its fields bound `trainer_args`)
     trl_config: Callable[[], type]
     # trainer.evaluate() keys shown in the summary, as (key, column name)
     summary_metrics: tuple[tuple[str, str], ...] = ()
+    # what the stage trains and saves: a causal LM (generates), or a reward model (a scalar head)
+    model_kind: Literal["causal_lm", "reward"] = "causal_lm"
 
 
 # --- shared training arguments ---------------------------------------------------------
@@ -169,19 +172,3 @@ def use_stage_progress_bar(trainer: Trainer, stage: str) -> None:
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StageProgress())
-
-
-def lora_config(run_cfg: Config) -> Any:
-    """A fresh peft.LoraConfig for one trainer, or None when `peft=none`."""
-    if run_cfg.peft.method == "none":
-        return None
-    from peft import LoraConfig
-
-    p = run_cfg.peft
-    return LoraConfig(
-        r=p.r,
-        lora_alpha=p.alpha,
-        lora_dropout=p.dropout,
-        target_modules=p.target_modules or run_cfg.model.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )

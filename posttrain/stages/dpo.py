@@ -70,9 +70,8 @@ def make_trainer(inputs: TrainerInputs):
         settings = f"{inputs.ref_logps.model_settings}|{args.max_length}|{args.truncation_mode}"
         cache = dataclasses.replace(inputs.ref_logps, model_settings=settings)
         trainer_cls = caching_dpo_trainer(cache, log=lambda message: print(f"[posttrain] {message}", flush=True))
-    # precomputing, the policy (still equal to the reference) computes them: no second copy
-    ref_model = None if cfg.precompute_ref_log_probs else inputs.ref_model
-    return trainer_cls(ref_model=ref_model, args=args, **inputs.trainer_kwargs())
+    # ref_model is None when the policy (still equal to the reference) computes them
+    return trainer_cls(ref_model=inputs.ref_model, args=args, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(

@@ -1,0 +1,139 @@
+"""LoRA / QLoRA across stages: which model a stage trains, and how its adapter reaches the next.
+
+`peft.handoff: merge` (default): a LoRA stage merges its adapter into the model it saves; the
+next stage loads that folder like any other, and its reference is that merged model.
+
+`peft.handoff: stack`: a LoRA stage also writes `adapters.json` (the base folder and every
+adapter on it, in order). The next LoRA stage loads that base (4-bit for QLoRA), puts the
+earlier adapters on it frozen, and trains a new adapter on top; its reference is the same
+model with the new adapter switched off, so no second copy of the weights is loaded. The
+base is never rewritten, which is what QLoRA needs (merging into 4-bit weights is lossy).
+
+Either way each stage's folder holds a merged model in plain Hugging Face format (made from
+full-precision base weights), plus its own adapter in `adapter/` when `peft.save_adapter`
+is set or the handoff is `stack`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posttrain import artifacts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from posttrain.config import ModelConfig, PeftConfig
+
+LINEAGE = "adapters.json"
+ADAPTER_DIR = "adapter"
+# the adapter a stage trains (PEFT's default name), and the last of the frozen earlier ones:
+# TRL takes a PEFT model's reference from the adapter named "ref"
+NEW, REF = "default", "ref"
+STACKED = "_posttrain_stacked"
+
+
+def lineage(source: str) -> dict[str, Any]:
+    """The base folder and adapters an artifact is made of (a merged or full model: itself alone)."""
+    return artifacts.read_json(Path(source) / LINEAGE) or {"base": source, "adapters": []}
+
+
+def lora_config(peft: PeftConfig, model_cfg: ModelConfig, model_kind: str) -> Any:
+    """A fresh peft.LoraConfig for one stage."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        target_modules=peft.target_modules or model_cfg.lora_target_modules,
+        # a reward model's new scalar head trains in full (PEFT keeps it in `modules_to_save`)
+        task_type="SEQ_CLS" if model_kind == "reward" else "CAUSAL_LM",
+    )
+
+
+def _with_adapters(model: PreTrainedModel, adapters: list[str]) -> Any:
+    """A PeftModel with every adapter in `adapters` loaded, frozen and adding its update; the
+    last is named REF."""
+    from peft import PeftModel
+
+    names = [f"frozen{i}" for i in range(len(adapters) - 1)] + [REF]
+    stacked = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0], is_trainable=False)
+    for name, folder in zip(names[1:], adapters[1:], strict=True):
+        stacked.load_adapter(folder, adapter_name=name, is_trainable=False)
+    stacked.base_model.set_adapter(names)
+    return stacked
+
+
+def stack_adapters(model: PreTrainedModel, adapters: list[str], new_config: Any) -> Any:
+    """`model` with the earlier `adapters` on it, frozen, and a new trainable adapter on top."""
+    stacked = _with_adapters(model, adapters)
+    frozen = list(stacked.peft_config)
+    stacked.add_adapter(NEW, new_config)
+    stacked.base_model.set_adapter([*frozen, NEW])
+    stacked.set_requires_grad(frozen, requires_grad=False)  # set_adapter made them all trainable
+    stacked.active_adapter = NEW
+    setattr(stacked, STACKED, True)
+    route_reference_to_stack()
+    return stacked
+
+
+@contextlib.contextmanager
+def without_new_adapter(model: Any):
+    """A stacked model as its reference: the frozen adapters on, the new one's update scaled to 0."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and NEW in m.scaling]
+    scales = [m.scaling[NEW] for m in layers]
+    for layer in layers:
+        layer.scaling[NEW] = 0.0
+    try:
+        yield
+    finally:
+        for layer, scale in zip(layers, scales, strict=True):
+            layer.scaling[NEW] = scale
+
+
+def route_reference_to_stack() -> None:
+    """TRL computes a PEFT model's reference under `use_adapter(model, "ref")`, which leaves
+    only that adapter on; for a stacked model the reference is every adapter but the new one."""
+    from trl.trainer import dpo_trainer, kto_trainer
+
+    for module in (dpo_trainer, kto_trainer):
+        original = module.use_adapter
+        if getattr(original, STACKED, False):
+            continue
+
+        def routed(model, adapter_name, _original=original):
+            if getattr(model, STACKED, False) and adapter_name == REF:
+                return without_new_adapter(model)
+            return _original(model, adapter_name)
+
+        setattr(routed, STACKED, True)
+        module.use_adapter = routed
+
+
+def merged_model(trained: Any, base: str, adapters: list[str], load_base) -> PreTrainedModel:
+    """The trained PEFT model as one plain model: base + every adapter, merged. A 4-bit base is
+    loaded again in full precision first (merging into NF4 weights would round the update)."""
+    if not _quantized(trained):
+        return trained.merge_and_unload()  # merges every active adapter
+    return _with_adapters(load_base(base), adapters).merge_and_unload()
+
+
+def _quantized(model: Any) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "quantization_config", None) is not None
+
+
+def save_adapter(trained: Any, folder: Path, base: str, earlier: list[str], stack: bool) -> list[str]:
+    """Write the stage's own adapter to `folder/adapter/`; for `stack` also its lineage. Returns
+    every adapter of the stage's model, in order."""
+    own = folder / ADAPTER_DIR
+    trained.save_pretrained(own, selected_adapters=[NEW])
+    adapters = [*earlier, str(own.resolve())]
+    if stack:
+        artifacts.write_json_atomic(folder / LINEAGE, {"base": base, "adapters": adapters})
+    return adapters
