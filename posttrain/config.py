@@ -263,8 +263,8 @@ class StageConfig:
         require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (steps, or a ratio below 1)")
         require(self.max_length is None or self.max_length > 0, f"{key}.max_length", "must be > 0 or null")
         require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"{self.checkpoint_steps} must be >= 0")
-        peft_methods = (None, *PEFT_METHODS)
-        require(self.peft in peft_methods, f"{key}.peft", f"{self.peft!r} is not one of null, {', '.join(PEFT_METHODS)}")
+        methods = ", ".join(PEFT_METHODS)
+        require(self.peft in (None, *PEFT_METHODS), f"{key}.peft", f"{self.peft!r} is not one of null, {methods}")
         if self.gate.min_exact_match is not None:
             require(self.eval.exact_match, f"{key}.gate.min_exact_match", f"needs {key}.eval.exact_match=true")
         if self.gate.min_win_rate is not None:

@@ -152,7 +152,9 @@ def load_model(
     (a new head when `source` is a causal LM); `quantize_4bit`: NF4 weights for QLoRA (CUDA only)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = dict(revision=_revision(source, cfg), dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+    kwargs = dict(
+        revision=_revision(source, cfg), dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+    )
     if quantize_4bit:
         import torch
         from transformers import BitsAndBytesConfig
