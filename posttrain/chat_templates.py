@@ -88,6 +88,19 @@ PHI3 = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
+# Phi-4 (14B): ChatML with `<|im_sep|>` between the role and the content.
+PHI4 = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant<|im_sep|>' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
 CHAT_TEMPLATES = {
     "chatml": CHATML,
     "zephyr": ZEPHYR,
@@ -95,6 +108,7 @@ CHAT_TEMPLATES = {
     "mistral": MISTRAL,
     "gemma": GEMMA,
     "phi3": PHI3,
+    "phi4": PHI4,
 }
 
 

@@ -49,6 +49,11 @@ class ModelConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     chat_template: str | None = None
+    # the token that ends an assistant turn (Llama 3: <|eot_id|>), made the tokenizer's eos so
+    # training teaches it and generation stops at it; null: the tokenizer's own
+    eos_token: str | None = None
+    # the padding token; null: the tokenizer's own, else its eos
+    pad_token: str | None = None
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 

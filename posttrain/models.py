@@ -29,7 +29,15 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # --- the built-in tiny model ----------------------------------------------------------
 
 
-def _train_tokenizer(vocab_size: int):
+def train_tokenizer(
+    vocab_size: int,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    eos: str = "<|im_end|>",
+    pad: str = "<|endoftext|>",
+    bos: str | None = None,
+    chat_template: str = chat_templates.CHATML,
+):
+    """A byte-level BPE tokenizer trained on the built-in tasks' text, with a family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,17 +49,13 @@ def _train_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(sample_text(TaskSpec()), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        chat_template=chat_templates.CHATML,
+        tokenizer_object=tok, eos_token=eos, pad_token=pad, bos_token=bos, chat_template=chat_template
     )
 
 
@@ -61,7 +65,7 @@ def build_tiny(cfg: ModelConfig, folder: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tiny = cfg.tiny
-    tokenizer = _train_tokenizer(tiny.vocab_size)
+    tokenizer = train_tokenizer(tiny.vocab_size)
     torch.manual_seed(tiny.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -130,6 +134,12 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     template = chat_templates.resolve(cfg.chat_template)
     if template is not None:
         tokenizer.chat_template = template
+    for role, token in (("eos", cfg.eos_token), ("pad", cfg.pad_token)):
+        if token is None:
+            continue
+        if token not in tokenizer.get_vocab():
+            raise ConfigError(f"model.{role}_token: {token!r} is not a token of {source!r}'s vocabulary")
+        setattr(tokenizer, f"{role}_token", token)
     if tokenizer.chat_template is None:
         raise ConfigError(
             f"model.chat_template: tokenizer of {source!r} has no chat template; "

@@ -67,6 +67,7 @@ TEMPLATE_TURNS = {
     "mistral": ("[/INST]", "<|im_end|>"),
     "gemma": ("<start_of_turn>model\n", "<end_of_turn>"),
     "phi3": ("<|assistant|>\n", "<|end|>"),
+    "phi4": ("<|im_start|>assistant<|im_sep|>", "<|im_end|>"),
 }
 
 
@@ -104,5 +105,5 @@ def test_template_without_generation_block_is_refused_with_the_fix(tiny, cache_d
     with pytest.raises(ConfigError) as e:
         check_chat_template(load_config(compose_tree([])), tok, source)
     assert str(e.value).startswith("sft.assistant_only_loss: the chat template of ")
-    assert "set model.chat_template (chatml, zephyr, llama3, mistral, gemma, phi3" in str(e.value)
+    assert "set model.chat_template (chatml, zephyr, llama3, mistral, gemma, phi3, phi4" in str(e.value)
     assert "or sft.assistant_only_loss=false" in str(e.value)
