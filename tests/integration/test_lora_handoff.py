@@ -1,0 +1,114 @@
+"""LoRA SFT -> DPO under both hand-off policies: the saved models are base + adapters, and the
+DPO stage's reference is the SFT model (not the bare base)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from posttrain import models, peft_handoff
+from posttrain.config import load_config
+from posttrain.pipeline import run_pipeline
+from tests.conftest import FAST, compose_tree
+
+LORA = ["peft=lora", "peft.r=8", "peft.alpha=16", "peft.dropout=0.0"]
+
+
+@pytest.fixture(scope="module", params=["merge", "stack"])
+def handoff_run(request, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"lora-{request.param}") / "run"
+    overrides = [*FAST, *LORA, f"peft.handoff={request.param}", "peft.save_adapter=true"]
+    cfg = load_config(compose_tree([*overrides, f"run.output_dir={out}", f"run.cache_dir={cache_dir}"]))
+    assert run_pipeline(cfg)["status"] == "complete"
+    return request.param, out, cfg
+
+
+def lora_delta(adapter: Path) -> dict[str, torch.Tensor]:
+    """weight name -> scale * B @ A, read from a saved adapter."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    scale = config["lora_alpha"] / config["r"]
+    deltas = {}
+    for key, a in tensors.items():
+        if ".lora_A." in key:
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            name = key.replace("base_model.model.", "", 1).replace(".lora_A.weight", ".weight")
+            deltas[name] = scale * (b.double() @ a.double())
+    return deltas
+
+
+def test_each_merged_model_is_its_base_plus_its_adapters(handoff_run, cache_dir):
+    policy, out, cfg = handoff_run
+    base = load_file(str(Path(models.base_model_source(cfg.model, cache_dir)) / "model.safetensors"))
+    sft_delta = lora_delta(out / "sft" / "adapter")
+    align_delta = lora_delta(out / "align" / "adapter")
+    assert sft_delta.keys() == align_delta.keys() and len(sft_delta) == 4 * 4  # q, k, v, o in 4 layers
+    sft = load_file(str(out / "sft" / "model.safetensors"))
+    align = load_file(str(out / "align" / "model.safetensors"))
+    # merge: DPO's LoRA sits on the merged SFT model; stack: on the base, beside the SFT adapter
+    for name in sft_delta:
+        expected_sft = base[name].double() + sft_delta[name]
+        assert torch.allclose(sft[name].double(), expected_sft, atol=1e-5)
+        expected_align = expected_sft + align_delta[name]
+        assert torch.allclose(align[name].double(), expected_align, atol=1e-5)
+        assert sft_delta[name].abs().max() > 1e-4 and align_delta[name].abs().max() > 1e-7
+    untouched = [k for k in base if k not in sft_delta]
+    assert all(torch.equal(base[k], align[k]) for k in untouched)
+
+
+def test_stack_records_the_adapter_chain(handoff_run, cache_dir):
+    policy, out, cfg = handoff_run
+    lineage = json.loads((out / "align" / "adapters.json").read_text()) if policy == "stack" else None
+    if policy == "merge":
+        assert not (out / "align" / "adapters.json").exists()
+        return
+    assert lineage["base"] == models.base_model_source(cfg.model, cache_dir)
+    assert lineage["adapters"] == [str((out / "sft" / "adapter").resolve()), str((out / "align" / "adapter").resolve())]
+
+
+def test_stacked_reference_is_the_sft_model(handoff_run, cache_dir):
+    """The stacked policy with its new adapter off gives the SFT model's logits, even once the new
+    adapter has moved; with it on, the logits differ."""
+    policy, out, cfg = handoff_run
+    if policy != "stack":
+        pytest.skip("merge: the reference is the merged SFT folder itself")
+    chain = peft_handoff.lineage(str(out / "sft"))
+    model = models.load_model(chain["base"], cfg.model)
+    new_adapter = peft_handoff.lora_config(cfg.peft, cfg.model, "causal_lm")
+    stacked = peft_handoff.stack_adapters(model, chain["adapters"], new_adapter)
+    trainable = {n for n, p in stacked.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)  # only the new adapter trains
+    with torch.no_grad():
+        for name, param in stacked.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))  # as if trained
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8, 12, 60]])
+    sft_model = AutoModelForCausalLM.from_pretrained(out / "sft")
+    with torch.no_grad():
+        expected = sft_model(ids).logits
+        with peft_handoff.without_new_adapter(stacked):
+            reference = stacked(ids).logits
+        policy_logits = stacked(ids).logits
+    assert torch.allclose(reference, expected, atol=1e-5)
+    assert not torch.allclose(policy_logits, expected, atol=1e-3)
+
+
+def test_both_policies_give_dpo_the_same_reference_log_probs(handoff_run):
+    """The two runs train the same SFT adapter; DPO's precomputed reference log-probs (the SFT
+    model's) agree, so the stacked reference is base + SFT adapter, not the bare base."""
+    runs = {}
+    for folder in handoff_run[1].parent.parent.glob("lora-*/run"):
+        files = sorted((folder / "sft" / "ref_logps").glob("train-*.parquet"))
+        if files:
+            runs[folder.parent.name.split("-")[1].rstrip("0123456789")] = pd.read_parquet(files[0])
+    if len(runs) < 2:
+        pytest.skip("needs both runs")
+    merge, stack = runs["merge"], runs["stack"]
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert torch.allclose(torch.tensor(merge[column]), torch.tensor(stack[column]), atol=1e-3)
