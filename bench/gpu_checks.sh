@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU path in one go (bf16, sdpa on CUDA, throughput and MFU, the default recipe end to end).
-#   bash bench/gpu_checks.sh OUT_DIR [all|bench]
+#   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft]   (peft: QLoRA and LoRA hand-off on CUDA only)
 # On a GPU machine with no package index: carry wheels of what it lacks in .whl/ (trl, datasets,
-# hydra-core, omegaconf, antlr4-python3-runtime, transformers, dill, multiprocess); they are
-# installed into /tmp/site first.
+# hydra-core, omegaconf, antlr4-python3-runtime, transformers, dill, multiprocess; for peft:
+# peft, bitsandbytes, pytest, pluggy, iniconfig); they are installed into /tmp/site first.
 set -o pipefail
 out=${1:-/tmp/gpu-checks}
 what=${2:-all}
@@ -15,6 +15,18 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)" | tee -a "$out/gpu.txt"
+if [ "$what" = peft ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/integration/test_lora_handoff.py -k qlora -rsf --tb=short 2>&1 \
+    | grep -v -i warn | grep -v "^\[posttrain\]\|^|" | tail -60 | tee "$out/qlora_tests.log"
+  fast="data.builtin.num_sft=256 data.builtin.num_preference=128 data.builtin.num_test=32 sft.max_steps=12
+    sft.per_device_train_batch_size=16 sft.learning_rate=3e-3 align.max_steps=6 align.per_device_train_batch_size=16
+    align.learning_rate=3e-4 sft.eval.num_prompts=16 align.eval.num_prompts=16"
+  for peft in "peft=qlora" "peft=lora peft.handoff=stack"; do
+    timeout 200 python3 -m posttrain.cli $peft $fast run.output_dir="/tmp/run-${peft//[^a-z]/}" \
+      run.cache_dir=/tmp/posttrain-cache 2>&1 | grep -v -i warn | tail -8 | tee -a "$out/peft_runs.log"
+  done
+  exit 0
+fi
 (cd bench && timeout 240 python3 sft_throughput.py --size qwen0.5b --seq 2048 --batch 8 --steps 10 --profile) 2>&1 \
   | grep -v -i warn | tee "$out/sft_throughput.log"
 (cd bench && timeout 150 python3 sft_throughput.py --size qwen0.5b --seq 2048 --batch 8 --steps 10 \

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 LINEAGE = "adapters.json"
 ADAPTER_DIR = "adapter"
-# the adapter a stage trains (PEFT's default name), and the last of the frozen earlier ones:
-# TRL takes a PEFT model's reference from the adapter named "ref"
+# the adapter a stage trains (PEFT's default name); TRL adds a copy of it named "ref" and
+# computes a PEFT model's reference under `use_adapter(model, "ref")`
 NEW, REF = "default", "ref"
 STACKED = "_posttrain_stacked"
 
@@ -55,11 +55,10 @@ def lora_config(peft: PeftConfig, model_cfg: ModelConfig, model_kind: str) -> An
 
 
 def _with_adapters(model: PreTrainedModel, adapters: list[str]) -> Any:
-    """A PeftModel with every adapter in `adapters` loaded, frozen and adding its update; the
-    last is named REF."""
+    """A PeftModel with every adapter in `adapters` loaded, frozen and adding its update."""
     from peft import PeftModel
 
-    names = [f"frozen{i}" for i in range(len(adapters) - 1)] + [REF]
+    names = [f"frozen{i}" for i in range(len(adapters))]
     stacked = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0], is_trainable=False)
     for name, folder in zip(names[1:], adapters[1:], strict=True):
         stacked.load_adapter(folder, adapter_name=name, is_trainable=False)
@@ -97,8 +96,9 @@ def without_new_adapter(model: Any):
 
 
 def route_reference_to_stack() -> None:
-    """TRL computes a PEFT model's reference under `use_adapter(model, "ref")`, which leaves
-    only that adapter on; for a stacked model the reference is every adapter but the new one."""
+    """TRL computes a PEFT model's reference under `use_adapter(model, "ref")` (its copy of the
+    new adapter as it was at the start), which leaves only that adapter on; for a stacked model
+    the reference is every adapter but the new one."""
     from trl.trainer import dpo_trainer, kto_trainer
 
     for module in (dpo_trainer, kto_trainer):

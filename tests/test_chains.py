@@ -100,7 +100,7 @@ def test_iterative_dpo_with_its_reference_pinned_to_sft(tmp_path, cache_dir, cap
     """sft -> dpo -> dpo where the second DPO starts from the first and compares with SFT: it loads
     the SFT model as its reference and reuses the SFT log-probs the first DPO computed."""
     out = tmp_path / "run"
-    second = ["align2.reference=sft", "align2.max_steps=4", "align2.learning_rate=3e-4", "align2.eval.num_prompts=16"]
+    second = ["align2.reference=sft", "align2.max_steps=4", "align2.learning_rate=3e-4", "align2.max_length=128"]
     overrides = [*FAST, *SECOND_DPO, *second, f"run.output_dir={out}", f"run.cache_dir={cache_dir}"]
     cfg = load_config(compose_tree(overrides))
     assert run_pipeline(cfg)["status"] == "complete"
