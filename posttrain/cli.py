@@ -59,7 +59,9 @@ def describe_data(data) -> str:
 
 def plan_text(cfg, keys: dict[str, str]) -> str:
     """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
+    from posttrain.config import stage_peft
     from posttrain.stage_cache import StageIndex, place_stage
+    from posttrain.stages import STAGES
 
     lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", "stages:"]
     index = StageIndex(cfg.run.cache_path)
@@ -68,8 +70,12 @@ def plan_text(cfg, keys: dict[str, str]) -> str:
         parent = previous if stage.init_from == "previous" else stage.init_from
         micro, accum = stage.per_device_train_batch_size, stage.gradient_accumulation_steps
         length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
+        spec = STAGES[stage.method]
+        reference = f", reference {stage.reference or parent}" if spec.uses_reference else ""
+        peft = stage_peft(stage, cfg.peft)
+        adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
         lines.append(
-            f"  {name}: {stage.method} from {parent}, data {describe_data(stage.data)}, "
+            f"  {name}: {stage.method} from {parent}{reference}{adapters}, data {describe_data(stage.data)}, "
             f"lr {stage.learning_rate:g}, batch {micro}x{accum}, {length}"
         )
         placement = place_stage(name, keys[name], cfg, index)

@@ -14,7 +14,7 @@ def posttrain(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_groups_and_recipes():
     proc = posttrain("--help")
     assert proc.returncode == 0
-    assert "align: dpo, none, orpo" in proc.stdout
+    assert "align: cpo, dpo, ipo, kto, none, orpo, rm, simpo" in proc.stdout
     assert "recipe: qwen2_5_0_5b_sft_orpo, tiny_sft_dpo, tiny_sft_orpo, zephyr_sft_dpo" in proc.stdout
 
 
@@ -47,7 +47,8 @@ def test_plan_shows_a_mixture_with_its_weights(tmp_path):
 def test_bad_value_is_one_line_on_stderr():
     proc = posttrain("plan=true", "align.method=ppo")
     assert proc.returncode != 0
-    assert proc.stderr.strip() == "error: align.method: unknown method 'ppo'; allowed: none, sft, dpo, orpo"
+    allowed = "none, sft, dpo, orpo, kto, cpo, simpo, rm"
+    assert proc.stderr.strip() == f"error: align.method: unknown method 'ppo'; allowed: {allowed}"
 
 
 def test_help_does_not_import_torch():
