@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.config import ConfigError, load_config
 from tests.conftest import REPO, compose_tree
@@ -14,6 +16,7 @@ CONF = REPO / "conf"
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 GROUPS = ["model", "data", "sft", "align", "peft", "deepspeed", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+QLORA_HERE = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -27,6 +30,10 @@ def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("sft", "none"):
         overrides.append("align.init_from=base")  # nothing to start from otherwise
+    if (group, option) == ("peft", "qlora") and not QLORA_HERE:
+        with pytest.raises(ConfigError, match="^peft.method: qlora needs "):
+            load_config(compose_tree(overrides))
+        return
     cfg = load_config(compose_tree(overrides))
     if group in ("sft", "align"):
         assert (group in cfg.stages) == (option != "none")
