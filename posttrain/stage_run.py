@@ -51,46 +51,62 @@ class StageRun:
         return self.reference or self.parent
 
 
+@dataclass
+class Policy:
+    """The model a stage trains, what it is made of, and its reference."""
+
+    model: PreTrainedModel
+    # a LoRA config for the trainer to apply (None: full fine-tuning, or adapters already on)
+    peft_config: Any
+    # the weights it was loaded from and the frozen adapters on them (stack hand-off)
+    base: str
+    adapters: list[str]
+    # a separately loaded reference model (None: the policy itself gives the reference)
+    ref_model: PreTrainedModel | None
+
+
+def build_policy(run: StageRun, cfg: Config, tokenizer) -> Policy:
+    """Load the stage's model per its PEFT method and hand-off policy, and its reference if that
+    is not the policy itself (before its first step, or with its new adapter off)."""
+    spec = STAGES[run.stage.method]
+    method = stage_peft(run.stage, cfg.peft)
+    stack = method != "none" and cfg.peft.handoff == "stack" and spec.model_kind == "causal_lm"
+    # merge: train on the parent's (merged) weights; stack: on its base, under its adapters
+    chain = peft_handoff.lineage(run.parent.source) if stack else {"base": run.parent.source, "adapters": []}
+
+    def load(source: str) -> PreTrainedModel:
+        return models.load_model(source, cfg.model, spec.model_kind, method == "qlora", tokenizer.pad_token_id)
+
+    model, peft_config = load(chain["base"]), None
+    if method != "none":
+        peft_config = peft_handoff.lora_config(cfg.peft, cfg.model, spec.model_kind)
+        if chain["adapters"]:
+            model, peft_config = peft_handoff.stack_adapters(model, chain["adapters"], peft_config), None
+    reference = run.reference_artifact
+    own_reference = reference.key == run.parent.key and (
+        method != "none" or getattr(run.stage, "precompute_ref_log_probs", False)
+    )
+    ref_model = load(reference.source) if spec.uses_reference and not own_reference else None
+    return Policy(model, peft_config, chain["base"], chain["adapters"], ref_model)
+
+
 def train_stage(
     run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard, callbacks: list
 ) -> tuple[PreTrainedModel | None, dict[str, float]]:
     """Train one stage from its parent (or its checkpoint); return the trained, LoRA-merged model
     and the trainer's metrics, or (None, {}) when a preemption signal stopped it at a checkpoint."""
     spec = STAGES[run.stage.method]
-    method = stage_peft(run.stage, cfg.peft)
-    stack = method != "none" and cfg.peft.handoff == "stack" and spec.model_kind == "causal_lm"
-    # merge: train on the parent's (merged) weights; stack: on its base, under its adapters
-    base, earlier = (run.parent.source, [])
-    if stack:
-        chain = peft_handoff.lineage(run.parent.source)
-        base, earlier = chain["base"], chain["adapters"]
-
-    def load(source: str, quantize: bool = False) -> PreTrainedModel:
-        return models.load_model(source, cfg.model, spec.model_kind, quantize, tokenizer.pad_token_id)
-
-    model = load(base, quantize=method == "qlora")
-    peft_config = None
-    if method != "none":
-        peft_config = peft_handoff.lora_config(cfg.peft, cfg.model, spec.model_kind)
-        if earlier:
-            model, peft_config = peft_handoff.stack_adapters(model, earlier, peft_config), None
-    # The policy before its first step is the parent: it gives the parent's reference log-probs
-    # (precomputed, or with its LoRA adapter off). Only another reference is loaded beside it.
-    reference = run.reference_artifact
-    own_reference = reference.key == run.parent.key and (
-        method != "none" or getattr(run.stage, "precompute_ref_log_probs", False)
-    )
-    ref_model = load(reference.source) if spec.uses_reference and not own_reference else None
+    policy = build_policy(run, cfg, tokenizer)
     trainer = spec.make_trainer(
         TrainerInputs(
             cfg=run.stage,
-            model=model,
-            ref_model=ref_model,
+            model=policy.model,
+            ref_model=policy.ref_model,
             tokenizer=tokenizer,
             train_dataset=run.data.train,
             eval_dataset=run.data.eval,
             args=training_args(run.stage, cfg, run.folder),
-            peft_config=peft_config,
+            peft_config=policy.peft_config,
             callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
             ref_logps=ref_logps_cache(run, cfg) if spec.uses_reference else None,
         )
@@ -105,13 +121,25 @@ def train_stage(
     if run.data.eval is not None:
         metrics.update(trainer.evaluate())
     trained = trainer.model
-    if method != "none":
-        adapters = earlier
-        if stack or cfg.peft.save_adapter or method == "qlora":
-            adapters = peft_handoff.save_adapter(trained, run.folder, base, earlier, stack)
-        trained = peft_handoff.merged_model(trained, base, adapters, load)
-    del trainer, ref_model
+    if stage_peft(run.stage, cfg.peft) != "none":
+        trained = merged(trained, policy, run, cfg)
+    del trainer, policy
     return trained, metrics
+
+
+def merged(trained, policy: Policy, run: StageRun, cfg: Config) -> PreTrainedModel:
+    """The trained PEFT model as one plain model; its own adapter saved when the next stage
+    stacks on it, when asked, or for QLoRA (merged again from full-precision weights)."""
+    method = stage_peft(run.stage, cfg.peft)
+    stack = cfg.peft.handoff == "stack" and STAGES[run.stage.method].model_kind == "causal_lm"
+    adapters = policy.adapters
+    if stack or cfg.peft.save_adapter or method == "qlora":
+        adapters = peft_handoff.save_adapter(trained, run.folder, policy.base, policy.adapters, stack)
+
+    def load_full_precision(source: str) -> PreTrainedModel:
+        return models.load_model(source, cfg.model, STAGES[run.stage.method].model_kind)
+
+    return peft_handoff.merged_model(trained, policy.base, adapters, load_full_precision)
 
 
 def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:

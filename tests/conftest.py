@@ -51,3 +51,19 @@ def posttrain_argv(*args: str, cache_dir: Path) -> tuple[list[str], dict[str, st
 def run_posttrain(*args: str, cache_dir: Path, **kwargs) -> subprocess.CompletedProcess:
     argv, env = posttrain_argv(*args, cache_dir=cache_dir)
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+
+
+# a system message and two turns; replies "5" and "8"
+TWO_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 4 + 4?"},
+    {"role": "assistant", "content": "8"},
+]
+
+
+def assistant_tokens(tok, messages: list[dict]) -> list[int]:
+    """The token ids the chat template marks as the assistant's (what assistant-only loss trains)."""
+    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return [t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from posttrain import chat_templates, models
 from posttrain.config import load_config
 from posttrain.pipeline import run_pipeline
-from tests.conftest import compose_tree
+from tests.conftest import TWO_TURNS, assistant_tokens, compose_tree
 
 # registry entry -> (config class, its extra fields, special tokens, bos, the base tokenizer's eos)
 FAMILIES = {
@@ -105,15 +105,7 @@ def test_registry_template_marks_the_reply_and_the_turn_end(family):
     tok = models.load_tokenizer(str(folder), cfg)
     end = registry["eos_token"] or FAMILIES[entry][4]
     assert tok.eos_token == end and tok.pad_token is not None
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2 + 3?"},
-        {"role": "assistant", "content": "5"},
-        {"role": "user", "content": "And 4 + 4?"},
-        {"role": "assistant", "content": "8"},
-    ]
-    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    marked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
+    marked = assistant_tokens(tok, TWO_TURNS)
     assert tok.decode(marked).replace(" ", "") == f"5{end}8{end}"
     assert tok.eos_token_id in marked  # the model learns to end its turn with the token generation stops at
 

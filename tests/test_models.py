@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain import models
 from posttrain.config import ModelConfig
+from tests.conftest import TWO_TURNS, assistant_tokens
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +78,8 @@ def test_every_named_template_marks_each_reply_and_its_end(tiny, name):
     token, nothing of the prompts; the generation prompt is what precedes a reply."""
     cfg, source = tiny
     tok = models.load_tokenizer(source, ModelConfig(chat_template=name))
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2 + 3?"},
-        {"role": "assistant", "content": "5"},
-        {"role": "user", "content": "And 4 + 4?"},
-        {"role": "assistant", "content": "8"},
-    ]
-    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    marked = tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m])
+    messages = TWO_TURNS
+    marked = tok.decode(assistant_tokens(tok, messages))
     header, end = TEMPLATE_TURNS[name]
     assert marked.replace(" ", "") == f"5{end}8{end}"
     text = tok.apply_chat_template(messages, tokenize=False)
