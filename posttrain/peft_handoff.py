@@ -115,6 +115,21 @@ def route_reference_to_stack() -> None:
         module.use_adapter = routed
 
 
+def resume_new_adapter(trainer: Any) -> None:
+    """transformers resumes a PEFT model by making its first active adapter the only one, and
+    trainable (for a stacked model, a frozen one); a stacked model's checkpoint instead restores
+    the new adapter's weights and keeps the stack as it is."""
+
+    def load(checkpoint: str, model: Any = None) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model or trainer.model, weights, adapter_name=NEW)
+
+    trainer._load_from_checkpoint = load
+
+
 def merged_model(trained: Any, base: str, adapters: list[str], load_base) -> PreTrainedModel:
     """The trained PEFT model as one plain model: base + every adapter, merged. A 4-bit base is
     loaded again in full precision first (merging into NF4 weights would round the update)."""

@@ -112,6 +112,8 @@ def train_stage(
         )
     )
     use_stage_progress_bar(trainer, run.name)
+    if policy.adapters:
+        peft_handoff.resume_new_adapter(trainer)
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     if guard.requested and result.global_step < trainer.state.max_steps:
         return None, {}  # stopped at a checkpoint; a signal after the last step lets the stage finish

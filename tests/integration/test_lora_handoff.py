@@ -18,6 +18,7 @@ from posttrain import models, peft_handoff
 from posttrain.config import load_config
 from posttrain.pipeline import run_pipeline
 from tests.conftest import FAST, compose_tree
+from tests.integration.test_resume import TOLERANCE, _max_difference, _rerun, _start, _wait_for
 
 LORA = ["peft=lora", "peft.r=8", "peft.alpha=16", "peft.dropout=0.0"]
 QLORA_HERE = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
@@ -128,3 +129,20 @@ def test_both_policies_give_dpo_the_same_reference_log_probs(handoff_run):
     stack, merge = pd.read_parquet(stack[0]), pd.read_parquet(merge[0])
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         assert torch.allclose(torch.tensor(merge[column]), torch.tensor(stack[column]), atol=1e-3)
+
+
+def test_killed_stacked_stage_resumes_to_the_same_adapter(handoff_run, tmp_path):
+    """kill -9 after the DPO stage's first checkpoint; the re-run resumes the new adapter (not a
+    frozen one, as transformers' own PEFT resume would) and ends with the uninterrupted weights."""
+    policy, reference, _ = handoff_run
+    if policy != "stack":
+        pytest.skip("the stacked hand-off's own resume path")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    extra = [*LORA, *POLICIES["stack"], "peft.save_adapter=true"]  # with checkpoints every 2 DPO steps
+    proc = _start(out, cache, *extra, log=tmp_path / "log.txt")
+    _wait_for(lambda: (out / "align" / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists(), proc)
+    proc.kill()
+    proc.wait()
+    rerun = _rerun(out, cache, *extra)
+    assert "stage align (dpo) resuming" in rerun.stdout
+    assert _max_difference(out / "align", reference / "align") <= TOLERANCE
