@@ -12,6 +12,7 @@ trainer is built, so no second copy of the weights is loaded to compute them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -94,9 +95,10 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
     return CachingTrainer
 
 
-def caching_dpo_trainer(cache: RefLogpsCache, log):
-    """TRL's DPOTrainer with its reference log-probs kept in `cache.folder`."""
-    from trl import DPOTrainer
-    from trl.trainer import dpo_trainer
-
-    return caching_trainer(DPOTrainer, dpo_trainer, cache, log)
+def with_cached_reference(trainer_cls: type, trainer_module, cache: RefLogpsCache | None, settings: str) -> type:
+    """`trainer_cls`, or with a cache its subclass that keeps the precomputed reference log-probs
+    in `cache.folder`; `settings`: what else the log-probs depend on (truncation, batching)."""
+    if cache is None:
+        return trainer_cls
+    cache = dataclasses.replace(cache, model_settings=f"{cache.model_settings}|{settings}")
+    return caching_trainer(trainer_cls, trainer_module, cache, log=lambda m: print(f"[posttrain] {m}", flush=True))

@@ -58,7 +58,8 @@ class Policy:
     model: PreTrainedModel
     # a LoRA config for the trainer to apply (None: full fine-tuning, or adapters already on)
     peft_config: Any
-    # the weights it was loaded from and the frozen adapters on them (stack hand-off)
+    # stack hand-off: trained on `base` under the frozen `adapters` (merge: base = the parent)
+    stack: bool
     base: str
     adapters: list[str]
     # a separately loaded reference model (None: the policy itself gives the reference)
@@ -87,7 +88,7 @@ def build_policy(run: StageRun, cfg: Config, tokenizer) -> Policy:
         method != "none" or getattr(run.stage, "precompute_ref_log_probs", False)
     )
     ref_model = load(reference.source) if spec.uses_reference and not own_reference else None
-    return Policy(model, peft_config, chain["base"], chain["adapters"], ref_model)
+    return Policy(model, peft_config, stack, chain["base"], chain["adapters"], ref_model)
 
 
 def train_stage(
@@ -132,11 +133,9 @@ def train_stage(
 def merged(trained, policy: Policy, run: StageRun, cfg: Config) -> PreTrainedModel:
     """The trained PEFT model as one plain model; its own adapter saved when the next stage
     stacks on it, when asked, or for QLoRA (merged again from full-precision weights)."""
-    method = stage_peft(run.stage, cfg.peft)
-    stack = cfg.peft.handoff == "stack" and STAGES[run.stage.method].model_kind == "causal_lm"
     adapters = policy.adapters
-    if stack or cfg.peft.save_adapter or method == "qlora":
-        adapters = peft_handoff.save_adapter(trained, run.folder, policy.base, policy.adapters, stack)
+    if policy.stack or cfg.peft.save_adapter or stage_peft(run.stage, cfg.peft) == "qlora":
+        adapters = peft_handoff.save_adapter(trained, run.folder, policy.base, policy.adapters, policy.stack)
 
     def load_full_precision(source: str) -> PreTrainedModel:
         return models.load_model(source, cfg.model, STAGES[run.stage.method].model_kind)

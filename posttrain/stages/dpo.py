@@ -8,7 +8,6 @@ rejected ones down.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from posttrain.config import StageConfig, require
@@ -52,8 +51,9 @@ def trl_config() -> type:
 
 def make_trainer(inputs: TrainerInputs):
     from trl import DPOConfig, DPOTrainer
+    from trl.trainer import dpo_trainer
 
-    from posttrain.ref_logps import caching_dpo_trainer
+    from posttrain.ref_logps import with_cached_reference
 
     cfg: DPOStageConfig = inputs.cfg
     args = DPOConfig(
@@ -64,12 +64,9 @@ def make_trainer(inputs: TrainerInputs):
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         precompute_ref_batch_size=inputs.args["per_device_eval_batch_size"],
     )
-    trainer_cls = DPOTrainer
-    if cfg.precompute_ref_log_probs and inputs.ref_logps is not None:
-        # the collator truncates to max_length: part of what the log-probs are of
-        settings = f"{inputs.ref_logps.model_settings}|{args.max_length}|{args.truncation_mode}"
-        cache = dataclasses.replace(inputs.ref_logps, model_settings=settings)
-        trainer_cls = caching_dpo_trainer(cache, log=lambda message: print(f"[posttrain] {message}", flush=True))
+    # the collator truncates to max_length: part of what the log-probs are of
+    cache = inputs.ref_logps if cfg.precompute_ref_log_probs else None
+    trainer_cls = with_cached_reference(DPOTrainer, dpo_trainer, cache, f"{args.max_length}|{args.truncation_mode}")
     # ref_model is None when the policy (still equal to the reference) computes them
     return trainer_cls(ref_model=inputs.ref_model, args=args, **inputs.trainer_kwargs())
 

@@ -7,7 +7,6 @@ is the stage's parent unless `reference` names another stage.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
@@ -49,7 +48,7 @@ def make_trainer(inputs: TrainerInputs):
     from trl import KTOConfig, KTOTrainer
     from trl.trainer import kto_trainer
 
-    from posttrain.ref_logps import caching_trainer
+    from posttrain.ref_logps import with_cached_reference
 
     cfg: KTOStageConfig = inputs.cfg
     args = dict(inputs.args)
@@ -63,13 +62,10 @@ def make_trainer(inputs: TrainerInputs):
         loss_type=cfg.loss_type,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
     )
-    trainer_cls = KTOTrainer
-    if cfg.precompute_ref_log_probs and inputs.ref_logps is not None:
-        # the KL term's neighbours depend on the batch size and the order of the rows
-        settings = f"{inputs.ref_logps.model_settings}|{args.max_length}|kto|{args.per_device_train_batch_size}"
-        cache = dataclasses.replace(inputs.ref_logps, model_settings=settings)
-        log = lambda message: print(f"[posttrain] {message}", flush=True)  # noqa: E731
-        trainer_cls = caching_trainer(KTOTrainer, kto_trainer, cache, log)
+    # the KL term's neighbours depend on the batch size and the order of the rows
+    cache = inputs.ref_logps if cfg.precompute_ref_log_probs else None
+    settings = f"{args.max_length}|kto|{args.per_device_train_batch_size}"
+    trainer_cls = with_cached_reference(KTOTrainer, kto_trainer, cache, settings)
     return trainer_cls(ref_model=inputs.ref_model, args=args, **inputs.trainer_kwargs())
 
 
