@@ -60,10 +60,12 @@ def describe_data(data) -> str:
 def plan_text(cfg, keys: dict[str, str]) -> str:
     """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
     from posttrain.config import stage_peft
+    from posttrain.distributed import global_batch, plan_lines, planned_world_size
     from posttrain.stage_cache import StageIndex, place_stage
     from posttrain.stages import STAGES
 
-    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", "stages:"]
+    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", *plan_lines(cfg), "stages:"]
+    world = planned_world_size(cfg.launcher)
     index = StageIndex(cfg.run.cache_path)
     previous = "base"
     for name, stage in cfg.stages.items():
@@ -76,7 +78,8 @@ def plan_text(cfg, keys: dict[str, str]) -> str:
         adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
         lines.append(
             f"  {name}: {stage.method} from {parent}{reference}{adapters}, data {describe_data(stage.data)}, "
-            f"lr {stage.learning_rate:g}, batch {micro}x{accum}, {length}"
+            f"lr {stage.learning_rate:g}, batch {micro} x {accum} accumulation x {world} processes = "
+            f"{global_batch(stage, world)} per step, {length}"
         )
         placement = place_stage(name, keys[name], cfg, index)
         where = {
@@ -173,7 +176,12 @@ def run(tree: DictConfig) -> dict | None:
         check_writable(out)
         _scrub_hydra_files()
         with FileLock(out / ".posttrain.lock", "run folder"):
+            if launches_workers(cfg):
+                # workers on other nodes read the frozen file: every path in it absolute
+                container["run"].update(output_dir=str(out), cache_dir=str(cfg.run.cache_path))
             OmegaConf.save(OmegaConf.create(redact(container)), out / "resolved.yaml")
+            if launches_workers(cfg):
+                return run_in_workers(cfg, out / "resolved.yaml")
             return run_pipeline(cfg)
     except GateError as e:
         if _in_sweep():  # the sweep goes on; its table shows this run as stopped
@@ -187,6 +195,27 @@ def run(tree: DictConfig) -> dict | None:
     except Preempted as e:
         print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
         sys.exit(EXIT_PREEMPTED)
+
+
+def launches_workers(cfg: Config) -> bool:
+    """Whether the run trains in worker processes (several, or DeepSpeed's one) rather than here."""
+    return cfg.launcher.name != "local" or cfg.deepspeed.stage is not None
+
+
+def run_in_workers(cfg: Config, resolved: Path) -> dict | None:
+    """Start the workers on the frozen config and wait; their summary, or their exit as ours."""
+    from posttrain.artifacts import read_json, read_manifest
+    from posttrain.launch import run_workers
+    from posttrain.preemption import EXIT_PREEMPTED
+
+    code = run_workers(cfg, resolved)
+    if code == 0:
+        return read_json(cfg.run.output_path / "summary.json")
+    statuses = [(read_manifest(cfg.run.output_path / name) or {}).get("status") for name in cfg.stages]
+    if "interrupted" in statuses:
+        print("[posttrain] workers saved a checkpoint and stopped; re-run the same command to resume", flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    sys.exit(f"error: the workers failed (exit {code}); their output above names the cause")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -245,6 +245,10 @@ class StageConfig:
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    # examples per optimizer step over all processes; when set, gradient_accumulation_steps is
+    # derived from it (global / (per_device_train_batch_size x processes)), so a recipe keeps its
+    # batch on any number of GPUs
+    global_batch_size: int | None = None
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.0
     weight_decay: float = 0.0
@@ -265,6 +269,11 @@ class StageConfig:
         require(self.max_steps == -1 or self.max_steps > 0, f"{key}.max_steps", "must be -1 (use epochs) or > 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             require(getattr(self, name) > 0, f"{key}.{name}", f"{getattr(self, name)} must be > 0")
+        require(
+            self.global_batch_size is None or self.global_batch_size > 0,
+            f"{key}.global_batch_size",
+            f"{self.global_batch_size} must be > 0 or null",
+        )
         require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (steps, or a ratio below 1)")
         require(self.max_length is None or self.max_length > 0, f"{key}.max_length", "must be > 0 or null")
         require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"{self.checkpoint_steps} must be >= 0")
@@ -308,12 +317,107 @@ class PeftConfig:
         require(self.r > 0, "peft.r", f"{self.r} must be > 0")
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
 @dataclass
 class DeepSpeedConfig:
-    stage: str = "none"
+    """DeepSpeed ZeRO settings; posttrain writes DeepSpeed's json from them and each stage's
+    training arguments (posttrain/distributed.py), so batch sizes and precision never disagree."""
+
+    # ZeRO stage 0-3; null: no DeepSpeed (plain PyTorch, DDP across processes)
+    stage: int | None = None
+    # keep the optimizer states (and step) in CPU memory (ZeRO 1-3)
+    offload_optimizer: bool = False
+    # keep the parameters in CPU memory too (ZeRO-3 only)
+    offload_param: bool = False
+    # overlap gradient reduction with the backward pass
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    # elements per reduction bucket; null: hidden_size^2, filled from the model
+    reduce_bucket_size: int | None = None
+    # any other DeepSpeed json keys, merged last (e.g. {"zero_optimization": {"sub_group_size": 1e9}})
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        require(self.stage == "none", "deepspeed.stage", f"{self.stage!r} is not one of none")
+        import importlib.util
+
+        stages = "null, " + ", ".join(map(str, ZERO_STAGES))
+        require(self.stage in (None, *ZERO_STAGES), "deepspeed.stage", f"{self.stage!r} is not one of {stages}")
+        if self.stage is None:
+            return
+        installed = importlib.util.find_spec("deepspeed") is not None
+        require(installed, "deepspeed.stage", "deepspeed is not installed: pip install deepspeed")
+        require(
+            not self.offload_optimizer or self.stage >= 1,
+            "deepspeed.offload_optimizer",
+            f"needs ZeRO stage 1, 2 or 3 (deepspeed.stage is {self.stage})",
+        )
+        require(
+            not self.offload_param or self.stage == 3,
+            "deepspeed.offload_param",
+            f"needs ZeRO stage 3 (deepspeed.stage is {self.stage}); use deepspeed=zero3_offload",
+        )
+        require(
+            self.reduce_bucket_size is None or self.reduce_bucket_size > 0,
+            "deepspeed.reduce_bucket_size",
+            f"{self.reduce_bucket_size} must be > 0 or null",
+        )
+
+
+LAUNCHERS = ("local", "torchrun", "deepspeed", "accelerate")
+
+
+@dataclass
+class LauncherConfig:
+    """How the workers start: one process here (local), or one per GPU on every node."""
+
+    # local, torchrun, deepspeed, accelerate
+    name: str = "local"
+    # processes per node (one per GPU); null: every visible GPU (1 without a GPU)
+    gpus: int | None = None
+    nnodes: int = 1
+    # this node's rank for torchrun/accelerate (null: torchrun's rendezvous assigns it)
+    node_rank: int | None = None
+    # address and port of the rank-0 node (port null: 29500 across nodes, a free one on one node)
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    # torchrun rendezvous backend and id (null: the run's name)
+    rdzv_backend: str = "c10d"
+    rdzv_id: str | None = None
+    # deepspeed launcher: a hostfile of `host slots=N` lines (null: this node only)
+    hostfile: str | None = None
+    # start the launcher on every node of the Slurm allocation with `srun` (one task per node)
+    srun: bool = False
+    # extra arguments for the launcher command, before the worker module
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = ", ".join(LAUNCHERS)
+        require(self.name in LAUNCHERS, "launcher.name", f"{self.name!r} is not one of {names}")
+        require(self.gpus is None or self.gpus > 0, "launcher.gpus", f"{self.gpus} must be > 0 or null")
+        require(self.nnodes > 0, "launcher.nnodes", f"{self.nnodes} must be > 0")
+        if self.name == "local":
+            require(self.nnodes == 1, "launcher.nnodes", "launcher=local runs one process; use torchrun or deepspeed")
+            require(
+                self.gpus in (None, 1), "launcher.gpus", "launcher=local runs one process; use torchrun or deepspeed"
+            )
+        if self.node_rank is not None:
+            require(
+                0 <= self.node_rank < self.nnodes,
+                "launcher.node_rank",
+                f"{self.node_rank} is not in [0, {self.nnodes})",
+            )
+        if self.hostfile is not None:
+            require(self.name == "deepspeed", "launcher.hostfile", "only the deepspeed launcher reads a hostfile")
+            path = Path(self.hostfile).expanduser()
+            require(path.is_file(), "launcher.hostfile", f"{path} does not exist")
+
+    def hosts(self) -> list[tuple[str, int]]:
+        """(host, slots) of each line of the hostfile."""
+        from posttrain.launch import read_hostfile
+
+        return read_hostfile(Path(self.hostfile).expanduser()) if self.hostfile else []
 
 
 @dataclass
@@ -383,6 +487,7 @@ class Config:
     data: DataConfig
     peft: PeftConfig
     deepspeed: DeepSpeedConfig
+    launcher: LauncherConfig
     logger: LoggerConfig
     sweep: SweepConfig
     # stage name -> its config, in chain order; stages whose method is `none` are left out
@@ -548,6 +653,7 @@ def load_config(tree: dict) -> Config:
         "data": DataConfig,
         "peft": PeftConfig,
         "deepspeed": DeepSpeedConfig,
+        "launcher": LauncherConfig,
         "logger": LoggerConfig,
         "sweep": SweepConfig,
     }
@@ -587,4 +693,9 @@ def load_config(tree: dict) -> Config:
         "sweep.objective",
         f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
     )
-    return Config(stages=stages, **built)
+    from posttrain.distributed import check_distributed, planned_world_size, resolve_batches
+
+    resolve_batches(stages, planned_world_size(built["launcher"]))
+    cfg = Config(stages=stages, **built)
+    check_distributed(cfg)
+    return cfg

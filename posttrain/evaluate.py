@@ -140,6 +140,17 @@ def win_rate(judge: str, records: list[dict[str, Any]], parent_records: list[dic
     return sum(scores) / len(scores)
 
 
+def on_accelerator(model: PreTrainedModel) -> PreTrainedModel:
+    """A model loaded for evaluation (on the CPU) moved to this process's GPU, where there is one."""
+    import os
+
+    import torch
+
+    if model.device.type != "cpu" or not torch.cuda.is_available() or getattr(model, "is_quantized", False):
+        return model
+    return model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+
+
 def evaluate_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset | None, eval_cfg: EvalConfig
 ) -> tuple[dict[str, float], list[dict]]:
@@ -148,6 +159,7 @@ def evaluate_model(
 
     if rows is None:
         return {}, []
+    model = on_accelerator(model)
     metrics: dict[str, float] = {}
     replies: list[dict] = []
     if models.marks_assistant_tokens(tokenizer):

@@ -59,16 +59,13 @@ def train_tokenizer(
     )
 
 
-def build_tiny(cfg: ModelConfig, folder: Path) -> None:
-    """Build the tiny Llama and its tokenizer into `folder` (atomically, via a temporary sibling)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None = None, eos_token_id: int | None = None):
+    """The tiny Llama's `LlamaConfig` (vocab_size: its tokenizer's length)."""
+    from transformers import LlamaConfig
 
     tiny = cfg.tiny
-    tokenizer = train_tokenizer(tiny.vocab_size)
-    torch.manual_seed(tiny.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
         num_hidden_layers=tiny.num_layers,
@@ -76,10 +73,20 @@ def build_tiny(cfg: ModelConfig, folder: Path) -> None:
         num_key_value_heads=tiny.num_heads,
         max_position_embeddings=tiny.max_position_embeddings,
         tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
         bos_token_id=None,
     )
+
+
+def build_tiny(cfg: ModelConfig, folder: Path) -> None:
+    """Build the tiny Llama and its tokenizer into `folder` (atomically, via a temporary sibling)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = train_tokenizer(cfg.tiny.vocab_size)
+    torch.manual_seed(cfg.tiny.seed)
+    config = tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -8,6 +8,7 @@ trainer, is evaluated, and is saved as an artifact whose manifest is written las
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from posttrain.config import GATE_METRICS, Config, ConfigError, StageConfig
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import DataError, StageData, load_stage_data
 from posttrain.data.report import format_report, plot_lengths
+from posttrain.distributed import agree, is_main, main_first
 from posttrain.evaluate import evaluate_model
 from posttrain.locks import FileLock
 from posttrain.preemption import PreemptionGuard
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 
 
 def log(message: str) -> None:
-    print(f"[posttrain] {message}", flush=True)
+    if is_main():
+        print(f"[posttrain] {message}", flush=True)
 
 
 # --- data -------------------------------------------------------------------------------
@@ -55,7 +58,9 @@ def load_all_data(cfg: Config, tokenizer) -> dict[str, StageData]:
         except DataError as e:
             raise DataError(f"{name}.data: {e}") from None
         reports.append(format_report(name, data[name].report))
-        print(reports[-1], flush=True)
+    if not is_main():
+        return data
+    print("\n\n".join(reports), flush=True)
     out = cfg.run.output_path
     artifacts.write_json_atomic(out / "data_report.json", {name: d.report for name, d in data.items()})
     (out / "data_report.md").write_text("\n\n".join(reports) + "\n")
@@ -143,13 +148,16 @@ def reuse_or_run(
     def waiting(holder: str) -> None:
         log(f"stage {run.name}: waiting for {holder}, which is training the same stage")
 
-    with FileLock(index.lock_path(run.key), f"stage {run.name}", wait=True, on_wait=waiting):
-        placement = stage_cache.place_stage(run.name, run.key, cfg, index)
+    # rank 0 holds the lock and decides; the other ranks take its placement
+    lock = FileLock(index.lock_path(run.key), f"stage {run.name}", wait=True, on_wait=waiting)
+    with lock if is_main() else contextlib.nullcontext():
+        placement = agree(stage_cache.place_stage(run.name, run.key, cfg, index) if is_main() else None)
         run.folder, run.checkpoint = placement.folder, placement.checkpoint
         if placement.action == "reuse":
-            stage_cache.link_stage(cfg.run.output_path / run.name, run.folder)
+            if is_main():
+                stage_cache.link_stage(cfg.run.output_path / run.name, run.folder)
             log(f"stage {run.name} ({run.stage.method}): reusing complete artifact {run.folder}")
-            return "reused", *reused_stage(run, cfg, tokenizer, eval_rows)
+            return "reused", *agree(reused_stage(run, cfg, tokenizer, eval_rows) if is_main() else None)
         how = f"resuming {run.checkpoint}" if run.checkpoint else f"starting from {run.parent.name}"
         log(f"stage {run.name} ({run.stage.method}) {how}; rows: {len(run.data.train)} train")
         metrics, replies, stage_timings = run_stage(run, cfg, tokenizer, eval_rows, guard, index)
@@ -167,22 +175,25 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     from transformers import set_seed
 
     out = cfg.run.output_path
-    check_writable(out)
     keys = stage_cache.stage_keys(cfg)
-    stage_cache.check_run_folder(cfg, keys)
+    if is_main():
+        check_writable(out)
+        stage_cache.check_run_folder(cfg, keys)
     set_seed(cfg.run.seed)
     t0 = time.time()
     with PreemptionGuard() as guard:
-        base_source = models.base_model_source(cfg.model, cfg.run.cache_path)
-        tokenizer = models.load_tokenizer(base_source, cfg.model)
-        check_chat_template(cfg, tokenizer, base_source)
-        log("loading data")
-        data = load_all_data(cfg, tokenizer)
+        with main_first():  # rank 0 builds the tiny model and fills the data caches
+            base_source = models.base_model_source(cfg.model, cfg.run.cache_path)
+            tokenizer = models.load_tokenizer(base_source, cfg.model)
+            check_chat_template(cfg, tokenizer, base_source)
+            log("loading data")
+            data = load_all_data(cfg, tokenizer)
         eval_rows = eval_conversations(cfg, data)
         timings = {"setup": time.time() - t0}
 
         t = time.time()
-        base_metrics, base_replies = evaluate_base(cfg, keys, tokenizer, eval_rows, base_source)
+        base = evaluate_base(cfg, keys, tokenizer, eval_rows, base_source) if is_main() else None
+        base_metrics, base_replies = agree(base)
         timings["eval:base"] = time.time() - t
         results = {"base": {"method": "base", "status": "base", "metrics": base_metrics, "path": base_source}}
         replies = {"base": base_replies}
@@ -205,6 +216,10 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
                 break
 
     first_stage = next(iter(cfg.stages.values()))
+    if not is_main():
+        if gate_error:
+            raise artifacts.GateError(gate_error)
+        return {"status": "complete", "stages": results}
     summary = {
         "status": f"stopped: {gate_error}" if gate_error else "complete",
         "stages": results,

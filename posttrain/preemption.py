@@ -42,8 +42,16 @@ class PreemptionGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self) -> bool:
+        """Whether any rank of the run was asked to stop (every rank must stop at the same step)."""
+        from posttrain.distributed import any_rank
+
+        if any_rank(self.requested) and not self.requested:
+            self.signal_name = "a stop signal to another rank"
+        return self.requested
+
     def check(self, where: str) -> None:
-        if self.requested:
+        if self.agreed():
             raise Preempted(f"{self.signal_name} {where}")
 
     def callback(self) -> Any:
@@ -60,7 +68,7 @@ class PreemptionGuard:
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step >= state.max_steps:
                     control.should_save = False
-                elif guard.requested:
+                elif guard.agreed():
                     control.should_save = True
                     control.should_training_stop = True
                 return control

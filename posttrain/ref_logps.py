@@ -73,8 +73,15 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
                 trainer_module.hash_module = hash_weights
 
         def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+            from posttrain.distributed import agree
+
             path = cache_path(cache, name, dataset)
-            if path.is_file():
+            if self.accelerator.num_processes > 1:
+                # TRL hands its computed columns from rank 0 to the others through a file that, for an
+                # in-memory dataset, it names in each process's own temporary folder: name a shared one
+                cache.folder.mkdir(parents=True, exist_ok=True)
+                dataset._get_cache_file_path = lambda fingerprint: str(cache.folder / f"trl-{fingerprint}.arrow")
+            if agree(path.is_file()):  # every rank reads the file, or every rank computes
                 cached = Dataset.from_parquet(str(path))
                 if len(cached) == len(dataset):
                     self.ref_logps_source = {**self.ref_logps_source, name: "cache"}

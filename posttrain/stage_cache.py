@@ -25,6 +25,7 @@ from posttrain import artifacts
 from posttrain.config import Config, ConfigError, DataSource, ModelConfig, StageConfig
 from posttrain.data.builtin import TaskSpec
 from posttrain.data.load import data_files
+from posttrain.distributed import planned_world_size
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
@@ -93,7 +94,7 @@ def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
         "model": dataclasses.asdict(cfg.model),
         "peft": dataclasses.asdict(cfg.peft),
         "seed": cfg.run.seed,
-        "world_size": artifacts.world_size(),
+        "world_size": planned_world_size(cfg.launcher),
     }
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import artifacts, models, peft_handoff, stage_cache
+from posttrain import artifacts, distributed, models, peft_handoff, stage_cache
 from posttrain.artifacts import Artifact
-from posttrain.config import Config, StageConfig, stage_peft
+from posttrain.config import Config, LoggerConfig, StageConfig, stage_peft
 from posttrain.data.load import StageData
 from posttrain.evaluate import evaluate_model
 from posttrain.plots import plot_curves
@@ -95,8 +95,11 @@ def train_stage(
     run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard, callbacks: list
 ) -> tuple[PreTrainedModel | None, dict[str, float]]:
     """Train one stage from its parent (or its checkpoint); return the trained, LoRA-merged model
-    and the trainer's metrics, or (None, {}) when a preemption signal stopped it at a checkpoint."""
+    (None on ranks other than 0 under ZeRO-3) and the trainer's metrics, or (None, {"stopped": True})
+    when a preemption signal stopped it at a checkpoint."""
     spec = STAGES[run.stage.method]
+    args = training_args(run.stage, cfg, run.folder)
+    zero3 = deepspeed_settings(run, cfg, args)
     policy = build_policy(run, cfg, tokenizer)
     trainer = spec.make_trainer(
         TrainerInputs(
@@ -106,7 +109,7 @@ def train_stage(
             tokenizer=tokenizer,
             train_dataset=run.data.train,
             eval_dataset=run.data.eval,
-            args=training_args(run.stage, cfg, run.folder),
+            args=args,
             peft_config=policy.peft_config,
             callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
             ref_logps=ref_logps_cache(run, cfg) if spec.uses_reference else None,
@@ -117,17 +120,51 @@ def train_stage(
         peft_handoff.resume_new_adapter(trainer)
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     if guard.requested and result.global_step < trainer.state.max_steps:
-        return None, {}  # stopped at a checkpoint; a signal after the last step lets the stage finish
+        return None, {"stopped": True}  # at a checkpoint; a signal after the last step lets the stage finish
     metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
     if run.checkpoint is not None:
         metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
     if run.data.eval is not None:
         metrics.update(trainer.evaluate())
     trained = trainer.model
-    if stage_peft(run.stage, cfg.peft) != "none":
+    if zero3 is not None:
+        # the weights are partitioned over the ranks: gathered into rank 0's save, then read back
+        trainer.save_model(str(run.folder))
+        distributed.barrier()
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # later loads (this model, evaluation) are plain, not partitioned
+        trained = load_saved(run, cfg, tokenizer) if distributed.is_main() else None
+    elif stage_peft(run.stage, cfg.peft) != "none" and distributed.is_main():
         trained = merged(trained, policy, run, cfg)
-    del trainer, policy
+    del trainer, policy, zero3
     return trained, metrics
+
+
+def deepspeed_settings(run: StageRun, cfg: Config, args: dict[str, Any]):
+    """Put the stage's DeepSpeed json into its training arguments (and, from rank 0, into
+    `<run>/launch/deepspeed-<stage>.json`). Under ZeRO-3 returns the object that must stay alive
+    while the model loads, so `from_pretrained` partitions the weights as it reads them."""
+    if cfg.deepspeed.stage is None:
+        return None
+    from transformers import AutoConfig
+
+    hidden = getattr(AutoConfig.from_pretrained(run.parent.source), "hidden_size", None)
+    precision = "bf16" if args["bf16"] else "fp16" if args["fp16"] else "fp32"
+    world = distributed.world_size()
+    args["deepspeed"] = distributed.deepspeed_json(cfg.deepspeed, run.stage, world, precision, hidden)
+    if distributed.is_main():
+        artifacts.write_json_atomic(cfg.run.output_path / "launch" / f"deepspeed-{run.name}.json", args["deepspeed"])
+    if cfg.deepspeed.stage != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(args["deepspeed"])
+
+
+def load_saved(run: StageRun, cfg: Config, tokenizer) -> PreTrainedModel:
+    kind = STAGES[run.stage.method].model_kind
+    return models.load_model(str(run.folder), cfg.model, kind, pad_token_id=tokenizer.pad_token_id)
 
 
 def merged(trained, policy: Policy, run: StageRun, cfg: Config) -> PreTrainedModel:
@@ -240,26 +277,37 @@ def prepare_folder(run: StageRun, cfg: Config) -> None:
 def run_stage(
     run: StageRun, cfg: Config, tokenizer, eval_rows, guard: PreemptionGuard, index: stage_cache.StageIndex
 ) -> tuple[dict[str, float], list[dict], dict[str, float]]:
-    """Train, evaluate and save one stage; the manifest says running, then interrupted/failed/complete."""
-    prepare_folder(run, cfg)
-    manifest_path = run.folder / artifacts.MANIFEST
+    """Train, evaluate and save one stage; the manifest says running, then interrupted/failed/complete.
+
+    Every rank trains; rank 0 alone writes the folder, evaluates and saves, and hands its
+    metrics to the others."""
+    main = distributed.is_main()
     started = time.time()
+    manifest_path = run.folder / artifacts.MANIFEST
     previous = artifacts.read_manifest(run.folder) if run.checkpoint else None
     attempts = [*(previous or {}).get("attempts", []), {"started": started, "resumed_from": run.checkpoint}]
     running = stage_manifest(run, cfg, "running", attempts=attempts)
-    artifacts.write_json_atomic(manifest_path, running)
-    index.register(run.key, run.folder)
+    if main:
+        prepare_folder(run, cfg)
+        artifacts.write_json_atomic(manifest_path, running)
+        index.register(run.key, run.folder)
+    distributed.barrier()
     timings = {}
-    tracker = StageTracker(cfg.logger, run.name, cfg.run.output_path, run.folder, running)
+    tracker = StageTracker(cfg.logger if main else LoggerConfig(), run.name, cfg.run.output_path, run.folder, running)
     try:
         with tracker:
             model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
             timings[f"train:{run.name}"] = time.time() - started
-            if model is None:
-                checkpoint = artifacts.last_checkpoint(run.folder)
-                manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
-                artifacts.write_json_atomic(manifest_path, manifest)
-                raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
+            if metrics.get("stopped"):
+                if main:
+                    checkpoint = artifacts.last_checkpoint(run.folder)
+                    manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
+                    artifacts.write_json_atomic(manifest_path, manifest)
+                raise Preempted(f"{guard.signal_name or 'a stop signal'}: stage {run.name} saved a checkpoint")
+            if not main:
+                del model
+                metrics, replies = distributed.agree(None)
+                return metrics, replies, timings
             t = time.time()
             if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model does not generate
                 eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
@@ -286,11 +334,13 @@ def run_stage(
         )
         artifacts.write_json_atomic(manifest_path, manifest)
         timings[f"save:{run.name}"] = time.time() - t
+        distributed.agree((metrics, replies))
         return metrics, replies, timings
     except (Preempted, KeyboardInterrupt):
         raise
     except BaseException as e:
-        failed = stage_manifest(run, cfg, "failed", attempts=attempts, error=f"{type(e).__name__}: {e}"[:2000])
-        with contextlib.suppress(OSError):
-            artifacts.write_json_atomic(manifest_path, failed)
+        if main:
+            failed = stage_manifest(run, cfg, "failed", attempts=attempts, error=f"{type(e).__name__}: {e}"[:2000])
+            with contextlib.suppress(OSError):
+                artifacts.write_json_atomic(manifest_path, failed)
         raise

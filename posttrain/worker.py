@@ -1,0 +1,54 @@
+"""One worker of a multi-process run: `python -m posttrain.worker <run folder>/resolved.yaml`.
+
+Started by torchrun, the deepspeed launcher or accelerate (posttrain/launch.py); reads the
+config the head process composed and froze, joins the process group, and runs the stage
+chain. Never runs Hydra, so every rank has the same config and run folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    import yaml
+
+    from posttrain import distributed
+    from posttrain.artifacts import ArtifactError, GateError
+    from posttrain.config import ConfigError, load_config
+    from posttrain.data.load import DataError
+    from posttrain.preemption import EXIT_PREEMPTED, Preempted
+
+    if len(argv) != 1:
+        print("usage: python -m posttrain.worker RUN_FOLDER/resolved.yaml", file=sys.stderr)
+        return 2
+    cfg = load_config(yaml.safe_load(Path(argv[0]).read_text()))
+    planned, started = distributed.planned_world_size(cfg.launcher), distributed.world_size()
+    if planned != started:
+        print(
+            f"error: the launcher started {started} processes, the config plans {planned} "
+            "(launcher.nnodes x launcher.gpus)",
+            file=sys.stderr,
+        )
+        return 1
+    distributed.init_workers(cfg)
+    from posttrain.pipeline import run_pipeline
+
+    code = 0
+    try:
+        run_pipeline(cfg)
+    except (ConfigError, DataError, ArtifactError, GateError) as e:
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except Preempted as e:
+        if distributed.is_main():
+            print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
+        code = EXIT_PREEMPTED
+    distributed.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
