@@ -379,12 +379,13 @@ class LauncherConfig:
     nnodes: int = 1
     # this node's rank for torchrun/accelerate (null: torchrun's rendezvous assigns it)
     node_rank: int | None = None
-    # address and port of the rank-0 node (port null: 29500 across nodes, a free one on one node)
-    master_addr: str = "127.0.0.1"
+    # address and port of the rank-0 node (address null: this node, or with a hostfile its first
+    # host; port null: 29500 across nodes, a free one on one node)
+    master_addr: str | None = None
     master_port: int | None = None
     # torchrun rendezvous backend and id (null: the run's name)
     rdzv_backend: str = "c10d"
-    rdzv_id: str | None = None
+    rdzv_id: str | int | None = None
     # deepspeed launcher: a hostfile of `host slots=N` lines (null: this node only)
     hostfile: str | None = None
     # start the launcher on every node of the Slurm allocation with `srun` (one task per node)
@@ -407,6 +408,18 @@ class LauncherConfig:
                 0 <= self.node_rank < self.nnodes,
                 "launcher.node_rank",
                 f"{self.node_rank} is not in [0, {self.nnodes})",
+            )
+        if self.nnodes > 1 and self.name in ("torchrun", "accelerate"):
+            require(
+                self.master_addr is not None,
+                "launcher.master_addr",
+                f"{self.name} on {self.nnodes} nodes needs the rank-0 node's address (every node must reach it)",
+            )
+        if self.name == "deepspeed" and self.nnodes > 1:
+            require(
+                self.hostfile is not None,
+                "launcher.hostfile",
+                f"the deepspeed launcher on {self.nnodes} nodes needs a hostfile (see launch/hostfile.example)",
             )
         if self.hostfile is not None:
             require(self.name == "deepspeed", "launcher.hostfile", "only the deepspeed launcher reads a hostfile")
@@ -458,6 +471,9 @@ class RunConfig:
     reuse: bool = True
     # continue an interrupted stage from its last checkpoint
     resume: bool = True
+    # every rank writes the rows of each of its batches (digests) and the losses it logged to
+    # <stage>/ranks/rank-N.jsonl: to check that ranks train on disjoint shards and agree
+    rank_logs: bool = False
 
     @property
     def output_path(self) -> Path:

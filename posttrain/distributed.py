@@ -351,3 +351,42 @@ def plan_lines(cfg: Config) -> list[str]:
         f"({basis}; activations come on top)"
     )
     return lines
+
+
+# --- per-rank logs ---------------------------------------------------------------------
+
+
+def rank_logger(trainer, folder) -> None:
+    """Make `trainer` append, on this rank, one line per training batch (a digest of each row's
+    tokens) and one per log (the losses it logged) to `<folder>/ranks/rank-<N>.jsonl`."""
+    import hashlib
+    import json
+
+    from transformers import TrainerCallback
+
+    path = folder / "ranks" / f"rank-{rank()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = trainer.state
+
+    def write(record: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_forward(module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not module.training or ids is None:
+            return  # evaluation, reference log-probs
+        mask = kwargs.get("attention_mask")
+        rows = []
+        for i, row in enumerate(ids.tolist()):
+            kept = row if mask is None else [t for t, m in zip(row, mask[i].tolist(), strict=True) if m]
+            rows.append(hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16])
+        write({"step": state.global_step, "rows": rows})
+
+    class LoggedLosses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                write({"step": state.global_step, "loss": logs["loss"]})
+
+    trainer.model.register_forward_pre_hook(on_forward, with_kwargs=True)
+    trainer.add_callback(LoggedLosses())

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from posttrain.config import Config
 
 WORKER = "posttrain.worker"
+# `bash -c` script that runs its arguments with SIGUSR1 ignored (inherited until a worker sets its handler)
+IGNORE_USR1 = 'trap "" USR1; exec "$@"'
 
 
 def read_hostfile(path: Path) -> list[tuple[str, int]]:
@@ -70,7 +72,7 @@ def launch_command(cfg: Config, resolved: Path) -> list[str]:
         elif launcher.node_rank is not None or nodes == 1:  # static: every node names its rank
             cmd += [
                 f"--node-rank={launcher.node_rank or 0}",
-                f"--master-addr={launcher.master_addr}",
+                f"--master-addr={launcher.master_addr or '127.0.0.1'}",
                 f"--master-port={_port(launcher)}",
             ]
         else:  # elastic rendezvous: ranks are assigned as the nodes arrive
@@ -84,9 +86,10 @@ def launch_command(cfg: Config, resolved: Path) -> list[str]:
         cmd = ["deepspeed"]
         if launcher.hostfile:
             cmd += [f"--hostfile={Path(launcher.hostfile).expanduser()}", f"--num_nodes={nodes}"]
+        if launcher.master_addr or not launcher.hostfile:  # else DeepSpeed takes the hostfile's first host
+            cmd += [f"--master_addr={launcher.master_addr or '127.0.0.1'}"]
         cmd += [
             f"--num_gpus={gpus}",
-            f"--master_addr={launcher.master_addr}",
             f"--master_port={_port(launcher)}",
             "--no_local_rank",  # workers read LOCAL_RANK from the environment
             *launcher.extra_args,
@@ -102,7 +105,10 @@ def launch_command(cfg: Config, resolved: Path) -> list[str]:
     else:
         cmd = [sys.executable, "-m", *worker]
     if launcher.srun:
-        cmd = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *cmd]
+        # one launcher per node; it ignores SIGUSR1 (Slurm's warning before the time limit reaches
+        # every process of the step) so that only the workers act on it: checkpoint, exit 75
+        srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+        cmd = [*srun, "bash", "-c", IGNORE_USR1, "posttrain-launcher", *cmd]
     return cmd
 
 
@@ -116,7 +122,7 @@ def accelerate_yaml(cfg: Config, deepspeed_json: Path | None) -> str:
         f"num_machines: {launcher.nnodes}",
         f"num_processes: {launcher.nnodes * _gpus(launcher)}",
         f"machine_rank: {launcher.node_rank or 0}",
-        f"main_process_ip: {launcher.master_addr}",
+        f"main_process_ip: {launcher.master_addr or '127.0.0.1'}",
         f"main_process_port: {_port(launcher)}",
         "rdzv_backend: static",
         "same_network: true",

@@ -116,6 +116,8 @@ def train_stage(
         )
     )
     use_stage_progress_bar(trainer, run.name)
+    if cfg.run.rank_logs:
+        distributed.rank_logger(trainer, run.folder)
     if policy.adapters:
         peft_handoff.resume_new_adapter(trainer)
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
