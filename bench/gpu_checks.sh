@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
 # The GPU path in one go (bf16, sdpa on CUDA, throughput and MFU, the default recipe end to end).
-#   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft]   (peft: QLoRA and LoRA hand-off on CUDA only)
+#   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft|deepspeed]
+#   (peft: QLoRA and LoRA hand-off on CUDA only; deepspeed: the default recipe under ZeRO-3
+#   through the deepspeed launcher, beside the same recipe in one plain process)
 # On a GPU machine with no package index: carry wheels of what it lacks in .whl/ (trl, datasets,
 # hydra-core, omegaconf, antlr4-python3-runtime, transformers, dill, multiprocess; for peft:
-# peft, bitsandbytes, pytest, pluggy, iniconfig); they are installed into /tmp/site first.
+# peft, bitsandbytes, pytest, pluggy, iniconfig; for deepspeed: its sdist and hjson, ninja,
+# py-cpuinfo, einops, msgpack, pydantic(-core), annotated-types, typing-inspection, nvidia-ml-py);
+# they are installed into /tmp/site first.
 set -o pipefail
 out=${1:-/tmp/gpu-checks}
 what=${2:-all}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+fi
+if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1 && [ "$what" = deepspeed ]; then
+  # a target of its own: pip --target does not add scripts (the `deepspeed` launcher) to an existing bin/
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/ds-site \
+    .whl/deepspeed-*.tar.gz 2>&1 | tail -3
+  export PYTHONPATH=/tmp/ds-site:$PYTHONPATH PATH=/tmp/ds-site/bin:$PATH
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)" | tee -a "$out/gpu.txt"
+if [ "$what" = deepspeed ]; then
+  for setting in "" "deepspeed=zero3 launcher=deepspeed launcher.gpus=1"; do
+    name=$(echo "${setting:-plain}" | cut -d' ' -f1 | tr -cd 'a-z0-9')
+    /usr/bin/time -f "$name wall %e s" timeout 240 python3 -m posttrain.cli $setting run.output_dir="/tmp/ds-$name" \
+      run.cache_dir="/tmp/ds-cache-$name" 2>&1 | grep -v -i warn | grep -v "^\[20" | tail -14 | tee -a "$out/deepspeed_runs.log"
+    cp "/tmp/ds-$name/summary.json" "$out/summary-$name.json" 2>/dev/null
+    cp "/tmp/ds-$name/launch/deepspeed-sft.json" "$out/deepspeed-sft-$name.json" 2>/dev/null
+  done
+  exit 0
+fi
 if [ "$what" = peft ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/integration/test_lora_handoff.py -k qlora -rsf --tb=short 2>&1 \
     | grep -v -i warn | grep -v "^\[posttrain\]\|^|" | tail -60 | tee "$out/qlora_tests.log"

@@ -366,7 +366,6 @@ def rank_logger(trainer, folder) -> None:
 
     path = folder / "ranks" / f"rank-{rank()}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = trainer.state
 
     def write(record: dict) -> None:
         with path.open("a") as f:
@@ -381,7 +380,8 @@ def rank_logger(trainer, folder) -> None:
         for i, row in enumerate(ids.tolist()):
             kept = row if mask is None else [t for t, m in zip(row, mask[i].tolist(), strict=True) if m]
             rows.append(hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16])
-        write({"step": state.global_step, "rows": rows})
+        # the optimizer step this batch counts toward (train() replaces trainer.state)
+        write({"step": trainer.state.global_step + 1, "rows": rows})
 
     class LoggedLosses(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):

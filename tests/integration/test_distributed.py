@@ -1,0 +1,119 @@
+"""Real multi-process runs on this CPU (gloo): SFT -> DPO with 2 workers under DDP (torchrun),
+DeepSpeed ZeRO-2 and ZeRO-3 (deepspeed launcher) and ZeRO-2 with optimizer offload (torchrun),
+each compared with one process training on the same global batch.
+
+Every run writes per-rank logs (`run.rank_logs=true`): a digest of each row a rank trained on
+at each step, and the losses it logged. Two workers of micro-batch 8 must split exactly the 16
+rows the single process trained on at the same step, agree on every logged loss, and follow
+the single process's loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_posttrain
+
+pytestmark = pytest.mark.distributed
+
+STAGES = ("sft", "align")
+COMMON = [
+    "data.builtin.num_sft=320",
+    "data.builtin.num_preference=160",
+    "data.builtin.num_test=32",
+    "sft.max_steps=8",
+    "sft.learning_rate=2e-3",
+    "sft.logging_steps=1",
+    "sft.eval.num_prompts=16",
+    "sft.eval.num_loss_rows=16",
+    "align.max_steps=4",
+    "align.learning_rate=3e-4",
+    "align.logging_steps=1",
+    "align.eval.num_prompts=16",
+    "align.eval.num_loss_rows=16",
+    "run.rank_logs=true",
+    "run.reuse=false",
+]
+# one process, batch 16 / two processes, batch 8 each: the same 16 rows per optimizer step
+SINGLE = ["sft.per_device_train_batch_size=16", "align.per_device_train_batch_size=16"]
+TWO = ["launcher.gpus=2", "sft.per_device_train_batch_size=8", "align.per_device_train_batch_size=8"]
+VARIANTS = {
+    "ddp_torchrun": ["launcher=torchrun"],
+    "zero2_deepspeed": ["deepspeed=zero2", "launcher=deepspeed"],
+    "zero3_deepspeed": ["deepspeed=zero3", "launcher=deepspeed"],
+    "zero2_offload_torchrun": ["deepspeed=zero2_offload", "launcher=torchrun"],
+}
+# logged losses of the two-process runs vs the single process: summation order, padding to 8 vs
+# 16 rows, and DeepSpeed's gradient reduction differ in float32 rounding only
+LOSS_RTOL = 2e-3
+
+
+def rank_log(folder: Path, rank: int) -> tuple[dict[int, list[str]], list[tuple[int, float]]]:
+    """step -> the row digests this rank trained on, and its (step, logged loss) list."""
+    rows: dict[int, list[str]] = {}
+    losses = []
+    for line in (folder / "ranks" / f"rank-{rank}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "rows" in record:
+            rows.setdefault(record["step"], []).extend(record["rows"])
+        else:
+            losses.append((record["step"], record["loss"]))
+    return rows, losses
+
+
+def train(tmp_path: Path, cache_dir: Path, name: str, overrides: list[str]) -> Path:
+    out = tmp_path / name
+    proc = run_posttrain(*COMMON, *overrides, f"run.output_dir={out}", cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache_dir) -> Path:
+    return train(tmp_path_factory.mktemp("single"), cache_dir, "single", SINGLE)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_workers_train_like_one_process_on_the_same_global_batch(variant, single, tmp_path, cache_dir):
+    from transformers import AutoModelForCausalLM
+
+    run = train(tmp_path, cache_dir, variant, [*VARIANTS[variant], *TWO])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    for stage in STAGES:
+        folder = run / stage
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["world_size"] == 2
+
+        # data order: the two ranks split the single process's rows of each step between them
+        (rows0, losses0), (rows1, losses1) = rank_log(folder, 0), rank_log(folder, 1)
+        alone, alone_losses = rank_log(single / stage, 0)
+        assert sorted(rows0) == sorted(rows1) == sorted(alone) and len(alone) >= 4
+        for step, expected in alone.items():
+            assert not set(rows0[step]) & set(rows1[step]), f"{stage} step {step}: both ranks got the same row"
+            assert sorted(rows0[step] + rows1[step]) == sorted(expected), f"{stage} step {step}: other rows"
+
+        # losses: both ranks logged the same ones, and they follow the single process's
+        assert losses0 == losses1 and len(losses0) == len(alone_losses)
+        for (step, loss), (step_alone, loss_alone) in zip(losses0, alone_losses, strict=True):
+            assert step == step_alone
+            assert loss == pytest.approx(loss_alone, rel=LOSS_RTOL), f"{stage} step {step}"
+
+    # the saved model is a plain Hugging Face model, close to the single process's
+    model = AutoModelForCausalLM.from_pretrained(run / "align")
+    reference = AutoModelForCausalLM.from_pretrained(single / "align")
+    assert model.config.model_type == "llama"
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        probs, probs_alone = model(ids).logits.softmax(-1), reference(ids).logits.softmax(-1)
+    assert (probs - probs_alone).abs().max() < 2e-3
+    for stage in STAGES:  # DeepSpeed's json went next to the run, agreeing with the batch
+        written = run / "launch" / f"deepspeed-{stage}.json"
+        if "deepspeed=" in " ".join(VARIANTS[variant]):
+            assert json.loads(written.read_text())["train_batch_size"] == 16
+        else:
+            assert not written.exists()
