@@ -108,18 +108,15 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(written, key=checkpoint_step, default=None)
 
 
-def world_size() -> int:
-    """Processes training together (set by torchrun and the deepspeed launcher; 1 alone)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def provenance() -> dict[str, Any]:
     """Where and with what an artifact was made: host, world size, library versions, recipe commit."""
+    from posttrain import distributed
+
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "hosts": int(os.environ.get("SLURM_NNODES") or os.environ.get("NNODES") or 1),
-        "world_size": world_size(),
+        "world_size": distributed.world_size(),
         "recipe_commit": recipe_commit(),
         "versions": library_versions(),
     }

@@ -170,12 +170,14 @@ def run(tree: DictConfig) -> dict | None:
         print(plan_text(cfg, keys), flush=True)
         if cfg.run.plan:
             return None
+        from posttrain.launch import stop_file
         from posttrain.pipeline import check_writable, run_pipeline
 
         out = cfg.run.output_path
         check_writable(out)
         _scrub_hydra_files()
         with FileLock(out / ".posttrain.lock", "run folder"):
+            stop_file(out).unlink(missing_ok=True)  # the stop request of an earlier, stopped attempt
             if launches_workers(cfg):
                 # workers on other nodes read the frozen file: every path in it absolute
                 container["run"].update(output_dir=str(out), cache_dir=str(cfg.run.cache_path))

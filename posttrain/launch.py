@@ -178,9 +178,15 @@ def worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
+def stop_file(run_folder: Path) -> Path:
+    """Written by the head process when it is asked to stop; every rank checks it after each step."""
+    return run_folder / "launch" / "stop"
+
+
 def run_workers(cfg: Config, resolved: Path) -> int:
     """Run the launcher and wait; SIGTERM/SIGUSR1 reach every worker (they checkpoint and exit 75)."""
     command = write_launch_files(cfg, resolved)
+    stop = stop_file(resolved.parent)
     print(f"[posttrain] starting workers: {shlex.join(command)}", flush=True)
     try:
         process = subprocess.Popen(
@@ -191,9 +197,14 @@ def run_workers(cfg: Config, resolved: Path) -> int:
         raise ConfigError(missing) from None
 
     def forward(signum, frame) -> None:
-        # SIGUSR1 to every process of the launch: the launchers ignore it (they would end their
-        # workers at once on SIGTERM), the workers save a checkpoint and exit with 75
-        os.killpg(process.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGUSR1)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signal.SIGINT)
+            return
+        # every worker, on every node, sees the stop file after its step; the SIGUSR1 reaches the
+        # workers in the launcher's process group at once (the launchers ignore it: they would end
+        # their workers on SIGTERM)
+        stop.write_text(f"{signal.Signals(signum).name} to the posttrain head process\n")
+        os.killpg(process.pid, signal.SIGUSR1)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import artifacts, chat_templates, models, stage_cache
+from posttrain import artifacts, chat_templates, launch, models, stage_cache
 from posttrain.artifacts import Artifact
 from posttrain.config import GATE_METRICS, Config, ConfigError, StageConfig
 from posttrain.data.builtin import write_tasks
@@ -181,7 +181,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         stage_cache.check_run_folder(cfg, keys)
     set_seed(cfg.run.seed)
     t0 = time.time()
-    with PreemptionGuard() as guard:
+    with PreemptionGuard(stop_file=launch.stop_file(out)) as guard:
         with main_first():  # rank 0 builds the tiny model and fills the data caches
             base_source = models.base_model_source(cfg.model, cfg.run.cache_path)
             tokenizer = models.load_tokenizer(base_source, cfg.model)

@@ -9,6 +9,7 @@ EXIT_PREEMPTED, which `launch/slurm.sbatch` answers with `scontrol requeue`.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Any
 
 # EX_TEMPFAIL from sysexits.h: "try again later"
@@ -21,8 +22,13 @@ class Preempted(Exception):
 
 
 class PreemptionGuard:
-    def __init__(self) -> None:
+    """`stop_file`: a file whose appearance asks every rank to stop like a signal would (the head
+    process writes it when it is signalled: torchrun starts its workers in sessions of their own,
+    and on other nodes a signal may never reach them)."""
+
+    def __init__(self, stop_file: Path | None = None) -> None:
         self.signal_name: str | None = None
+        self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
 
     @property
@@ -46,6 +52,8 @@ class PreemptionGuard:
         """Whether any rank of the run was asked to stop (every rank must stop at the same step)."""
         from posttrain.distributed import any_rank
 
+        if not self.requested and self.stop_file is not None and self.stop_file.exists():
+            self.signal_name = f"a stop request ({self.stop_file})"
         if any_rank(self.requested) and not self.requested:
             self.signal_name = "a stop signal to another rank"
         return self.requested

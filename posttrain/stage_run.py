@@ -246,6 +246,9 @@ def stage_manifest(run: StageRun, cfg: Config, status: str, **fields) -> dict[st
             "eval_rows": len(run.data.eval) if run.data.eval is not None else 0,
             "curation": run.data.report,
         },
+        # how it was trained: the launcher and DeepSpeed settings (not part of the key: a stage
+        # trained under ZeRO-2 is reused under ZeRO-3; the number of processes is in the key)
+        "launch": {"launcher": cfg.launcher.name, "deepspeed": dataclasses.asdict(cfg.deepspeed)},
         **artifacts.provenance(),
         **fields,
     }

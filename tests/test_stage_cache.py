@@ -64,10 +64,9 @@ def test_settings_that_change_weights_change_the_keys(override):
     assert keys(override)["sft"] != keys()["sft"]
 
 
-def test_world_size_is_part_of_the_global_batch(monkeypatch):
-    before = keys()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert keys()["sft"] != before["sft"]
+def test_the_planned_number_of_processes_is_part_of_the_global_batch():
+    assert keys("launcher=torchrun", "launcher.gpus=2")["sft"] != keys()["sft"]
+    assert keys("launcher=torchrun", "launcher.gpus=1")["sft"] == keys()["sft"]
 
 
 def test_data_file_content_is_part_of_the_key(tmp_path):

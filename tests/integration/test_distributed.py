@@ -11,12 +11,17 @@ the single process's loss curve.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.conftest import run_posttrain
+from posttrain.preemption import EXIT_PREEMPTED
+from tests.conftest import posttrain_argv, run_posttrain
 
 pytestmark = pytest.mark.distributed
 
@@ -46,6 +51,7 @@ VARIANTS = {
     "zero2_deepspeed": ["deepspeed=zero2", "launcher=deepspeed"],
     "zero3_deepspeed": ["deepspeed=zero3", "launcher=deepspeed"],
     "zero2_offload_torchrun": ["deepspeed=zero2_offload", "launcher=torchrun"],
+    "zero2_accelerate": ["deepspeed=zero2", "launcher=accelerate"],
 }
 # logged losses of the two-process runs vs the single process: summation order, padding to 8 vs
 # 16 rows, and DeepSpeed's gradient reduction differ in float32 rounding only
@@ -117,3 +123,40 @@ def test_two_workers_train_like_one_process_on_the_same_global_batch(variant, si
             assert json.loads(written.read_text())["train_batch_size"] == 16
         else:
             assert not written.exists()
+
+
+@pytest.mark.parametrize("variant", ["ddp_torchrun", "zero3_deepspeed"])
+def test_a_stop_signal_to_the_head_checkpoints_every_rank_and_the_rerun_ends_where_one_run_would(
+    variant, tmp_path, cache_dir
+):
+    """SIGTERM to `posttrain` (what Slurm sends): both workers save one checkpoint at the same
+    step and exit, posttrain exits 75; the same command resumes and ends with the weights of a
+    run that was never stopped. (torchrun starts its workers in sessions of their own: they learn
+    of the signal from the stop file the head writes.)"""
+    overrides = [
+        *COMMON, *TWO, *VARIANTS[variant], "sft.max_steps=30", "sft.checkpoint_steps=5", "align.max_steps=3",
+    ]  # fmt: skip
+    stopped = tmp_path / "stopped"
+    argv, env = posttrain_argv(*overrides, f"run.output_dir={stopped}", cache_dir=cache_dir)
+    head = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_checkpoint = stopped / "sft" / "checkpoints" / "checkpoint-5" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and head.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    head.send_signal(signal.SIGTERM)
+    output = head.communicate(timeout=300)[0]
+    assert head.returncode == EXIT_PREEMPTED, output[-4000:]
+    manifest = json.loads((stopped / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    stopped_at = int(Path(manifest["checkpoint"]).name.split("-")[1])
+    assert 5 <= stopped_at < 30, "stopped at a checkpoint before the end"
+
+    resumed = run_posttrain(*overrides, f"run.output_dir={stopped}", cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming {stopped / 'sft' / 'checkpoints' / f'checkpoint-{stopped_at}'}" in resumed.stdout
+    once = train(tmp_path, cache_dir, "once", overrides)
+    for stage in STAGES:
+        weights = load_file(stopped / stage / "model.safetensors")
+        expected = load_file(once / stage / "model.safetensors")
+        worst = max((weights[k] - expected[k]).abs().max().item() for k in expected)
+        assert worst < 1e-5, f"{stage}: resumed weights differ by {worst:.2e}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from posttrain import artifacts
 from tests.conftest import FAST, posttrain_argv, run_posttrain
 
 # checkpoints often enough that a kill lands between two of them
@@ -86,7 +87,8 @@ def test_manifest_records_provenance(reference):
 
 
 def _checkpoint_written(folder: Path, step: int):
-    return lambda: (folder / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").exists()
+    """The checkpoint's trainer_state.json (written last) exists and parses: not cut short."""
+    return lambda: artifacts.read_json(folder / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json") is not None
 
 
 KILL_POINTS = {
