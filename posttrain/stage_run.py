@@ -304,11 +304,11 @@ def run_stage(
             model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
             timings[f"train:{run.name}"] = time.time() - started
             if metrics.get("stopped"):
+                checkpoint = artifacts.last_checkpoint(run.folder)
                 if main:
-                    checkpoint = artifacts.last_checkpoint(run.folder)
                     manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
                     artifacts.write_json_atomic(manifest_path, manifest)
-                raise Preempted(f"{guard.signal_name or 'a stop signal'}: stage {run.name} saved a checkpoint")
+                raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
             if not main:
                 del model
                 metrics, replies = distributed.agree(None)
