@@ -415,6 +415,12 @@ class LauncherConfig:
                 "launcher.master_addr",
                 f"{self.name} on {self.nnodes} nodes needs the rank-0 node's address (every node must reach it)",
             )
+        require(
+            not self.srun or self.name in ("torchrun", "accelerate"),
+            "launcher.srun",
+            f"srun starts torchrun or accelerate on every node; {self.name} "
+            + ("reaches the nodes itself (hostfile)" if self.name == "deepspeed" else "runs one process"),
+        )
         if self.name == "deepspeed" and self.nnodes > 1:
             require(
                 self.hostfile is not None,

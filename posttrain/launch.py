@@ -25,8 +25,11 @@ if TYPE_CHECKING:
     from posttrain.config import Config
 
 WORKER = "posttrain.worker"
-# `bash -c` script that runs its arguments with SIGUSR1 ignored (inherited until a worker sets its handler)
-IGNORE_USR1 = 'trap "" USR1; exec "$@"'
+# placeholder for the node's rank in a command srun starts on every node (Slurm's SLURM_NODEID)
+NODE_RANK = "@NODE_RANK@"
+# `bash -c` script that runs its arguments with SIGUSR1 ignored (inherited until a worker sets its
+# handler) and the node's rank put in for NODE_RANK
+ON_EACH_NODE = f'trap "" USR1; exec "${{@//{NODE_RANK}/$SLURM_NODEID}}"'
 
 
 def read_hostfile(path: Path) -> list[tuple[str, int]]:
@@ -99,16 +102,16 @@ def launch_command(cfg: Config, resolved: Path) -> list[str]:
     elif launcher.name == "accelerate":
         config = resolved.parent / "launch" / "accelerate.yaml"
         cmd = ["accelerate", "launch", f"--config_file={config}"]
-        if launcher.node_rank is not None:
-            cmd += [f"--machine_rank={launcher.node_rank}"]
+        if launcher.node_rank is not None or launcher.srun:
+            cmd += [f"--machine_rank={NODE_RANK if launcher.srun else launcher.node_rank}"]
         cmd += [*launcher.extra_args, "--module", *worker]
     else:
         cmd = [sys.executable, "-m", *worker]
     if launcher.srun:
-        # one launcher per node; it ignores SIGUSR1 (Slurm's warning before the time limit reaches
-        # every process of the step) so that only the workers act on it: checkpoint, exit 75
+        # one launcher per node; it ignores the SIGUSR1 that posttrain sends on a stop request (srun
+        # forwards it to every task) so that only the workers act on it: checkpoint, exit 75
         srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-        cmd = [*srun, "bash", "-c", IGNORE_USR1, "posttrain-launcher", *cmd]
+        cmd = [*srun, "bash", "-c", ON_EACH_NODE, "posttrain-launcher", *cmd]
     return cmd
 
 

@@ -117,6 +117,10 @@ def test_global_batch_size_sets_the_accumulation_for_the_planned_world():
             "launcher.master_addr: torchrun on 4 nodes needs the rank-0 node's address (every node must reach it)",
         ),
         (["launcher.gpus=2"], "launcher.gpus: launcher=local runs one process; use torchrun or deepspeed"),
+        (
+            ["launcher=deepspeed", "launcher.srun=true"],
+            "launcher.srun: srun starts torchrun or accelerate on every node; deepspeed reaches the nodes itself",
+        ),
         (["launcher.name=mpirun"], "launcher.name: 'mpirun' is not one of local, torchrun, deepspeed, accelerate"),
         (["deepspeed.stage=4"], "deepspeed.stage: 4 is not one of null, 0, 1, 2, 3"),
         (["deepspeed=zero2", "deepspeed.offload_param=true"], "deepspeed.offload_param: needs ZeRO stage 3"),
@@ -192,6 +196,23 @@ def test_accelerate_gets_a_config_file_with_posttrains_deepspeed_json(tmp_path):
     ds = yaml.safe_load(Path(accelerate["deepspeed_config"]["deepspeed_config_file"]).read_text())
     assert ds["train_batch_size"] == cfg.stages["sft"].per_device_train_batch_size * 32
     assert subprocess.run(["bash", "-n", str(folder / "workers.sh")]).returncode == 0
+
+
+def test_under_srun_each_node_puts_in_its_own_rank_and_ignores_sigusr1(tmp_path):
+    cfg = config(
+        "launcher=accelerate", "launcher.gpus=8", "launcher.nnodes=4", "launcher.master_addr=node-0",
+        "launcher.srun=true", tmp_path=tmp_path,
+    )  # fmt: skip
+    command = launch_command(cfg, tmp_path / "run" / "resolved.yaml")
+    wrapper = command[command.index("bash") : command.index("accelerate")]
+    assert "--machine_rank=@NODE_RANK@" in command
+    # what srun runs on node 3: the wrapper, here around `echo` and a `kill -USR1` of itself
+    node = subprocess.run(
+        [*wrapper, "bash", "-c", 'kill -USR1 $$; echo "$@"', "_", *command[command.index("accelerate") :]],
+        env={**os.environ, "SLURM_NODEID": "3"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert node.returncode == 0, "SIGUSR1 is ignored"
+    assert "--machine_rank=3" in node.stdout.split()
 
 
 def _cluster_tools(bin_dir: Path) -> None:
