@@ -194,6 +194,15 @@ def check_distributed(cfg: Config) -> None:
                 "launcher.gpus",
                 f"{launcher.gpus} processes per node but {', '.join(short)} has fewer slots in {launcher.hostfile}",
             )
+    if launcher.name != "local" and launcher.nnodes == 1 and not launcher.srun and launcher.gpus:
+        import torch
+
+        visible = torch.cuda.device_count()  # 0: CPU workers over gloo, any number
+        require(
+            not visible or launcher.gpus <= visible,
+            "launcher.gpus",
+            f"{launcher.gpus} processes but this node has {visible} GPUs; set launcher.gpus={visible} or fewer",
+        )
     if launcher.name == "accelerate" and launcher.nnodes > 1:
         require(
             launcher.node_rank is not None or launcher.srun,

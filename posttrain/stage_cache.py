@@ -30,7 +30,8 @@ from posttrain.distributed import planned_world_size
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
 # Stage fields that do not change the trained weights.
-NOT_IN_KEY = ("logging_steps", "eval", "per_device_eval_batch_size", "checkpoint_steps")
+# global_batch_size is in the key through the gradient_accumulation_steps derived from it
+NOT_IN_KEY = ("logging_steps", "eval", "per_device_eval_batch_size", "checkpoint_steps", "global_batch_size")
 
 
 def hash_json(content: Any) -> str:

@@ -74,16 +74,24 @@ def test_extra_deepspeed_keys_merge_over_what_posttrain_writes():
 def test_global_batch_size_sets_the_accumulation_for_the_planned_world():
     cfg = config(
         "launcher=torchrun", "launcher.gpus=8", "launcher.nnodes=4", "launcher.master_addr=node-0",
-        "sft.per_device_train_batch_size=4", "+sft.global_batch_size=256",
+        "sft.per_device_train_batch_size=4", "sft.global_batch_size=256",
     )  # fmt: skip
     assert cfg.stages["sft"].gradient_accumulation_steps == 256 // (4 * 32)
+
+
+def test_a_global_batch_is_keyed_by_the_accumulation_it_gives():
+    from posttrain.stage_cache import stage_keys
+
+    via_global = stage_keys(config("sft.per_device_train_batch_size=32", "sft.global_batch_size=64"))
+    via_accumulation = stage_keys(config("sft.per_device_train_batch_size=32", "sft.gradient_accumulation_steps=2"))
+    assert via_global == via_accumulation != stage_keys(config("sft.per_device_train_batch_size=32"))
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (
-            ["launcher=torchrun", "launcher.gpus=8", "sft.per_device_train_batch_size=4", "+sft.global_batch_size=100"],
+            ["launcher=torchrun", "launcher.gpus=8", "sft.per_device_train_batch_size=4", "sft.global_batch_size=100"],
             "sft.global_batch_size: 100 is not divisible by per_device_train_batch_size 4 x 8 processes = 32; "
             "choose a multiple of 32 or change sft.per_device_train_batch_size",
         ),
