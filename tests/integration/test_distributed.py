@@ -53,9 +53,14 @@ VARIANTS = {
     "zero2_offload_torchrun": ["deepspeed=zero2_offload", "launcher=torchrun"],
     "zero2_accelerate": ["deepspeed=zero2", "launcher=accelerate"],
 }
-# logged losses of the two-process runs vs the single process: summation order, padding to 8 vs
-# 16 rows, and DeepSpeed's gradient reduction differ in float32 rounding only
-LOSS_RTOL = 2e-3
+# logged losses of the two-process runs vs the single process (measured: SFT 1.6e-7 under DDP,
+# ZeRO-2 and ZeRO-3, 5.1e-7 with offload; DPO 5.2e-4). SFT differs in float32 rounding only (its
+# loss is a token mean over all ranks); TRL's DPO loss adds an NLL term that is a token mean per
+# rank, so two ranks weigh the tokens of their halves slightly differently (at step 1, with
+# identical log-probs and rewards, the loss differs by 2.2e-4)
+LOSS_RTOL = {"sft": 1e-5, "align": 2e-3}
+# final next-token probabilities vs the single process's (measured 6.4e-5)
+PROBS_ATOL = 5e-4
 
 
 def rank_log(folder: Path, rank: int) -> tuple[dict[int, list[str]], list[tuple[int, float]]]:
@@ -107,7 +112,7 @@ def test_two_workers_train_like_one_process_on_the_same_global_batch(variant, si
         assert losses0 == losses1 and len(losses0) == len(alone_losses)
         for (step, loss), (step_alone, loss_alone) in zip(losses0, alone_losses, strict=True):
             assert step == step_alone
-            assert loss == pytest.approx(loss_alone, rel=LOSS_RTOL), f"{stage} step {step}"
+            assert loss == pytest.approx(loss_alone, rel=LOSS_RTOL[stage]), f"{stage} step {step}"
 
     # the saved model is a plain Hugging Face model, close to the single process's
     model = AutoModelForCausalLM.from_pretrained(run / "align")
@@ -116,7 +121,7 @@ def test_two_workers_train_like_one_process_on_the_same_global_batch(variant, si
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
         probs, probs_alone = model(ids).logits.softmax(-1), reference(ids).logits.softmax(-1)
-    assert (probs - probs_alone).abs().max() < 2e-3
+    assert (probs - probs_alone).abs().max() < PROBS_ATOL
     for stage in STAGES:  # DeepSpeed's json went next to the run, agreeing with the batch
         written = run / "launch" / f"deepspeed-{stage}.json"
         if "deepspeed=" in " ".join(VARIANTS[variant]):
