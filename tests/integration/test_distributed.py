@@ -165,3 +165,22 @@ def test_a_stop_signal_to_the_head_checkpoints_every_rank_and_the_rerun_ends_whe
         expected = load_file(once / stage / "model.safetensors")
         worst = max((weights[k] - expected[k]).abs().max().item() for k in expected)
         assert worst < 1e-5, f"{stage}: resumed weights differ by {worst:.2e}"
+
+
+def test_lora_stages_merge_on_rank_0_under_zero2(tmp_path, cache_dir):
+    """SFT -> ORPO with LoRA under ZeRO-2, 2 workers: every stage saves a merged plain model whose
+    weights moved from its parent's, and the ranks still split each step's rows."""
+    out = train(tmp_path, cache_dir, "lora", [*TWO, "peft=lora", "align=orpo", "deepspeed=zero2", "launcher=deepspeed"])
+    parent = load_file(next((cache_dir / "models").glob("tiny-*/model.safetensors")))
+    for stage in STAGES:
+        manifest = json.loads((out / stage / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["method"] == ("sft" if stage == "sft" else "orpo")
+        weights = load_file(out / stage / "model.safetensors")
+        assert set(weights) == set(parent), "a plain model, no adapter keys"
+        moved = [k for k in parent if not torch.equal(weights[k], parent[k])]
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # model=tiny's
+        assert moved and all(k.split(".")[-2] in targets for k in moved), "LoRA's target layers only"
+        parent = weights
+        (rows0, losses0), (rows1, losses1) = rank_log(out / stage, 0), rank_log(out / stage, 1)
+        assert losses0 == losses1
+        assert all(not set(rows0[s]) & set(rows1[s]) for s in rows0)
