@@ -429,8 +429,6 @@ class LauncherConfig:
             )
         if self.hostfile is not None:
             require(self.name == "deepspeed", "launcher.hostfile", "only the deepspeed launcher reads a hostfile")
-            path = Path(self.hostfile).expanduser()
-            require(path.is_file(), "launcher.hostfile", f"{path} does not exist")
 
     def hosts(self) -> list[tuple[str, int]]:
         """(host, slots) of each line of the hostfile."""
@@ -662,8 +660,11 @@ def build(cls: type, data: dict, key: str = "") -> Any:
     return cls(**kwargs)
 
 
-def load_config(tree: dict) -> Config:
-    """Validate a composed config tree (plain dict, interpolations resolved) into a `Config`."""
+def load_config(tree: dict, on_launch_node: bool = True) -> Config:
+    """Validate a composed config tree (plain dict, interpolations resolved) into a `Config`.
+
+    `on_launch_node`: also check what only the node that launches can see (the hostfile, its GPUs);
+    workers reading the frozen config on other nodes skip that."""
     from posttrain.stages import STAGES
     from posttrain.stages.base import check_trainer_args
 
@@ -719,5 +720,6 @@ def load_config(tree: dict) -> Config:
 
     resolve_batches(stages, planned_world_size(built["launcher"]))
     cfg = Config(stages=stages, **built)
-    check_distributed(cfg)
+    if on_launch_node:
+        check_distributed(cfg)
     return cfg

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import ConfigError, DeepSpeedConfig, LauncherConfig, ModelConfig, StageConfig, require
@@ -166,7 +167,8 @@ def global_batch(stage: StageConfig, world: int) -> int:
 
 
 def check_distributed(cfg: Config) -> None:
-    """Mistakes that would only crash on the cluster, found where the config is composed."""
+    """Mistakes that would only crash on the cluster, found where the config is composed (the
+    checks of the chain and of each section ran already)."""
     ds, launcher = cfg.deepspeed, cfg.launcher
     from posttrain.config import stage_peft
 
@@ -180,6 +182,8 @@ def check_distributed(cfg: Config) -> None:
                 "4-bit loading and the LoRA merge need; use deepspeed=zero2 (or zero2_offload) for LoRA stages",
             )
     if launcher.name == "deepspeed" and launcher.hostfile:
+        path = Path(launcher.hostfile).expanduser()
+        require(path.is_file(), "launcher.hostfile", f"{path} does not exist")
         hosts = launcher.hosts()
         require(bool(hosts), "launcher.hostfile", f"{launcher.hostfile} names no host (lines: `host slots=N`)")
         require(

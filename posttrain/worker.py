@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m posttrain.worker RUN_FOLDER/resolved.yaml", file=sys.stderr)
         return 2
-    cfg = load_config(yaml.safe_load(Path(argv[0]).read_text()))
+    # the head process checked the launch (hostfile, GPUs) on its node; this may be another node
+    cfg = load_config(yaml.safe_load(Path(argv[0]).read_text()), on_launch_node=False)
     planned, started = distributed.planned_world_size(cfg.launcher), distributed.world_size()
     if planned != started:
         print(
