@@ -141,6 +141,16 @@ def test_mistakes_that_would_crash_on_the_cluster_are_config_errors(overrides, m
     assert "\n" not in str(error.value)
 
 
+def test_workers_on_other_nodes_read_the_frozen_config_without_the_launch_nodes_files(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-0 slots=8\nnode-1 slots=8\n")
+    tree = compose_tree(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.nnodes=2", "launcher.gpus=8"])
+    hostfile.unlink()  # as on a node that has no copy of it
+    with pytest.raises(ConfigError, match="launcher.hostfile: .* does not exist"):
+        load_config(tree)
+    assert load_config(tree, on_launch_node=False).launcher.nnodes == 2
+
+
 def test_a_hostfile_line_that_is_not_host_slots_names_its_line(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# nodes\nnode-0 slots=8\nnode-1 gpus=8\n")
