@@ -11,6 +11,7 @@ Hydra, so all ranks share one config and one run folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -148,7 +149,10 @@ def write_launch_files(cfg: Config, resolved: Path) -> list[str]:
     a person can re-run (`bash <run>/launch/workers.sh`)."""
     import json
 
+    import torch
+
     from posttrain.distributed import deepspeed_json, planned_world_size
+    from posttrain.models import torch_dtype
 
     folder = resolved.parent / "launch"
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,7 +163,8 @@ def write_launch_files(cfg: Config, resolved: Path) -> list[str]:
             # trainer passes its own json (posttrain/stage_run.py)
             first = next(iter(cfg.stages.values()))
             ds_path = folder / "deepspeed.json"
-            ds = deepspeed_json(cfg.deepspeed, first, planned_world_size(cfg.launcher), "auto")
+            precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype(cfg.model.dtype), "fp32")
+            ds = deepspeed_json(cfg.deepspeed, first, planned_world_size(cfg.launcher), precision)
             ds_path.write_text(json.dumps(ds, indent=2) + "\n")
         (folder / "accelerate.yaml").write_text(accelerate_yaml(cfg, ds_path))
     command = launch_command(cfg, resolved)
@@ -200,14 +205,13 @@ def run_workers(cfg: Config, resolved: Path) -> int:
         raise ConfigError(missing) from None
 
     def forward(signum, frame) -> None:
-        if signum == signal.SIGINT:
-            os.killpg(process.pid, signal.SIGINT)
-            return
-        # every worker, on every node, sees the stop file after its step; the SIGUSR1 reaches the
-        # workers in the launcher's process group at once (the launchers ignore it: they would end
-        # their workers on SIGTERM)
-        stop.write_text(f"{signal.Signals(signum).name} to the posttrain head process\n")
-        os.killpg(process.pid, signal.SIGUSR1)
+        if signum != signal.SIGINT:
+            # every worker, on every node, sees the stop file after its step; the SIGUSR1 reaches the
+            # workers in the launcher's process group at once (the launchers ignore it: they would
+            # end their workers on SIGTERM)
+            stop.write_text(f"{signal.Signals(signum).name} to the posttrain head process\n")
+        with contextlib.suppress(ProcessLookupError):  # the launcher has just exited
+            os.killpg(process.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGUSR1)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
