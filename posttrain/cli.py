@@ -178,11 +178,12 @@ def run(tree: DictConfig) -> dict | None:
         _scrub_hydra_files()
         with FileLock(out / ".posttrain.lock", "run folder"):
             stop_file(out).unlink(missing_ok=True)  # the stop request of an earlier, stopped attempt
-            if launches_workers(cfg):
+            workers = launches_workers(cfg)
+            if workers:
                 # workers on other nodes read the frozen file: every path in it absolute
                 container["run"].update(output_dir=str(out), cache_dir=str(cfg.run.cache_path))
             OmegaConf.save(OmegaConf.create(redact(container)), out / "resolved.yaml")
-            if launches_workers(cfg):
+            if workers:
                 return run_in_workers(cfg, out / "resolved.yaml")
             return run_pipeline(cfg)
     except GateError as e:

@@ -430,12 +430,6 @@ class LauncherConfig:
         if self.hostfile is not None:
             require(self.name == "deepspeed", "launcher.hostfile", "only the deepspeed launcher reads a hostfile")
 
-    def hosts(self) -> list[tuple[str, int]]:
-        """(host, slots) of each line of the hostfile."""
-        from posttrain.launch import read_hostfile
-
-        return read_hostfile(Path(self.hostfile).expanduser()) if self.hostfile else []
-
 
 @dataclass
 class LoggerConfig:

@@ -133,11 +133,16 @@ def shutdown() -> None:
 # --- batch arithmetic --------------------------------------------------------------------
 
 
-def planned_world_size(launcher: LauncherConfig) -> int:
-    """Processes the launcher will start: nodes x processes per node (GPUs, or 1 without any)."""
+def processes_per_node(launcher: LauncherConfig) -> int:
+    """Processes the launcher starts on each node: launcher.gpus, else every visible GPU (1 without any)."""
     if launcher.name == "local":
         return 1
-    return launcher.nnodes * (launcher.gpus or visible_gpus())
+    return launcher.gpus or visible_gpus()
+
+
+def planned_world_size(launcher: LauncherConfig) -> int:
+    """Processes the launcher will start: nodes x processes per node."""
+    return launcher.nnodes * processes_per_node(launcher)
 
 
 def visible_gpus() -> int:
@@ -184,7 +189,9 @@ def check_distributed(cfg: Config) -> None:
     if launcher.name == "deepspeed" and launcher.hostfile:
         path = Path(launcher.hostfile).expanduser()
         require(path.is_file(), "launcher.hostfile", f"{path} does not exist")
-        hosts = launcher.hosts()
+        from posttrain.launch import read_hostfile
+
+        hosts = read_hostfile(path)
         require(bool(hosts), "launcher.hostfile", f"{launcher.hostfile} names no host (lines: `host slots=N`)")
         require(
             launcher.nnodes <= len(hosts),
@@ -216,6 +223,11 @@ def check_distributed(cfg: Config) -> None:
 
 
 # --- DeepSpeed's json --------------------------------------------------------------------
+
+
+def precision(args: dict[str, Any]) -> str:
+    """bf16, fp16 or fp32: how a stage's training arguments run (DeepSpeed's json must agree)."""
+    return "bf16" if args["bf16"] else "fp16" if args["fp16"] else "fp32"
 
 
 def deepspeed_json(
@@ -338,7 +350,7 @@ def plan_lines(cfg: Config) -> list[str]:
     """The launch, DeepSpeed and memory lines of `posttrain plan=true`."""
     launcher, ds = cfg.launcher, cfg.deepspeed
     world = planned_world_size(launcher)
-    per_node = world // launcher.nnodes
+    per_node = processes_per_node(launcher)
     how = " (srun on every node)" if launcher.srun else ""
     lines = [f"launch: {launcher.name}{how}, {launcher.nnodes} node(s) x {per_node} process(es) = {world}"]
     if ds.stage is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posttrain.config import ConfigError, LauncherConfig
+from posttrain.distributed import planned_world_size, processes_per_node
 
 if TYPE_CHECKING:
     from posttrain.config import Config
@@ -48,12 +49,6 @@ def read_hostfile(path: Path) -> list[tuple[str, int]]:
     return hosts
 
 
-def _gpus(launcher: LauncherConfig) -> int:
-    from posttrain.distributed import visible_gpus
-
-    return launcher.gpus or visible_gpus()
-
-
 def _port(launcher: LauncherConfig) -> int:
     """The rank-0 node's port: the configured one, else 29500 across nodes, else a free one here."""
     if launcher.master_port is not None:
@@ -67,7 +62,7 @@ def launch_command(cfg: Config, resolved: Path) -> list[str]:
     """The command that starts every worker of the run on this node (or, with srun, on every node)."""
     launcher = cfg.launcher
     worker = [WORKER, str(resolved)]
-    gpus, nodes = _gpus(launcher), launcher.nnodes
+    gpus, nodes = processes_per_node(launcher), launcher.nnodes
     rdzv_id = launcher.rdzv_id or cfg.run.name
     if launcher.name == "torchrun":
         cmd = ["torchrun", f"--nproc-per-node={gpus}", f"--nnodes={nodes}"]
@@ -124,7 +119,7 @@ def accelerate_yaml(cfg: Config, deepspeed_json: Path | None) -> str:
         "# written by posttrain from the run's resolved.yaml; used by `accelerate launch`",
         "compute_environment: LOCAL_MACHINE",
         f"num_machines: {launcher.nnodes}",
-        f"num_processes: {launcher.nnodes * _gpus(launcher)}",
+        f"num_processes: {planned_world_size(launcher)}",
         f"machine_rank: {launcher.node_rank or 0}",
         f"main_process_ip: {launcher.master_addr or '127.0.0.1'}",
         f"main_process_port: {_port(launcher)}",
@@ -149,10 +144,8 @@ def write_launch_files(cfg: Config, resolved: Path) -> list[str]:
     a person can re-run (`bash <run>/launch/workers.sh`)."""
     import json
 
-    import torch
-
-    from posttrain.distributed import deepspeed_json, planned_world_size
-    from posttrain.models import torch_dtype
+    from posttrain.distributed import deepspeed_json, precision
+    from posttrain.stages.base import training_args
 
     folder = resolved.parent / "launch"
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,8 +156,8 @@ def write_launch_files(cfg: Config, resolved: Path) -> list[str]:
             # trainer passes its own json (posttrain/stage_run.py)
             first = next(iter(cfg.stages.values()))
             ds_path = folder / "deepspeed.json"
-            precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype(cfg.model.dtype), "fp32")
-            ds = deepspeed_json(cfg.deepspeed, first, planned_world_size(cfg.launcher), precision)
+            args = training_args(first, cfg, resolved.parent / next(iter(cfg.stages)))
+            ds = deepspeed_json(cfg.deepspeed, first, planned_world_size(cfg.launcher), precision(args))
             ds_path.write_text(json.dumps(ds, indent=2) + "\n")
         (folder / "accelerate.yaml").write_text(accelerate_yaml(cfg, ds_path))
     command = launch_command(cfg, resolved)
@@ -181,7 +174,7 @@ def worker_env(cfg: Config) -> dict[str, str]:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         # one thread pool per worker: two workers sharing the cores each take all of them otherwise
-        per_worker = max(1, (os.cpu_count() or 1) // max(1, _gpus(cfg.launcher)))
+        per_worker = max(1, (os.cpu_count() or 1) // processes_per_node(cfg.launcher))
         env.setdefault("OMP_NUM_THREADS", str(per_worker))
     return env
 

@@ -152,9 +152,8 @@ def deepspeed_settings(run: StageRun, cfg: Config, args: dict[str, Any]):
     from transformers import AutoConfig
 
     hidden = getattr(AutoConfig.from_pretrained(run.parent.source), "hidden_size", None)
-    precision = "bf16" if args["bf16"] else "fp16" if args["fp16"] else "fp32"
     world = distributed.world_size()
-    args["deepspeed"] = distributed.deepspeed_json(cfg.deepspeed, run.stage, world, precision, hidden)
+    args["deepspeed"] = distributed.deepspeed_json(cfg.deepspeed, run.stage, world, distributed.precision(args), hidden)
     if distributed.is_main():
         artifacts.write_json_atomic(cfg.run.output_path / "launch" / f"deepspeed-{run.name}.json", args["deepspeed"])
     if cfg.deepspeed.stage != 3:
