@@ -217,7 +217,8 @@ def save_model(run: StageRun, model: PreTrainedModel, tokenizer) -> None:
     from safetensors import SafetensorError
 
     try:
-        model.save_pretrained(run.folder, safe_serialization=True)
+        if model.name_or_path != str(run.folder):  # else read back from there (ZeRO-3): written already
+            model.save_pretrained(run.folder, safe_serialization=True)
         tokenizer.save_pretrained(run.folder)
         plot_curves(run.folder / "metrics.jsonl", run.folder / "curves.png", f"{run.name} ({run.stage.method})")
     except (OSError, SafetensorError) as e:
