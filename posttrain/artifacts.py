@@ -40,8 +40,10 @@ class Artifact:
     name: str
     # what from_pretrained loads: a folder, or the base model's hub id
     source: str
-    # the stage key (posttrain.stage_cache) of what the folder holds
+    # the stage key (posttrain.stage_cache) of the model `source` holds
     key: str = ""
+    # the stage's own folder (a data stage's differs from `source`, its parent's model)
+    folder: str = ""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -77,13 +79,17 @@ def is_complete(folder: Path) -> bool:
     return manifest is not None and manifest.get("status") == "complete"
 
 
+# subfolders whose files are part of an artifact (a data stage's pairs); others (checkpoints,
+# ref_logps written later by other stages, ranks) are not
+ARTIFACT_SUBFOLDERS = ("pairs",)
+
+
 def file_sizes(folder: Path) -> dict[str, int]:
-    """Sizes of the files that make up the saved model and tokenizer (not checkpoints or the manifest)."""
-    return {
-        f.name: f.stat().st_size
-        for f in sorted(folder.iterdir())
-        if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")
-    }
+    """Sizes of the files that make up the saved model and tokenizer, or a data stage's data
+    (not checkpoints or the manifest)."""
+    files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST]
+    files += [f for sub in ARTIFACT_SUBFOLDERS if (folder / sub).is_dir() for f in sorted((folder / sub).iterdir())]
+    return {str(f.relative_to(folder)): f.stat().st_size for f in files if f.is_file() and not f.name.startswith(".")}
 
 
 def damage(folder: Path, manifest: dict) -> str | None:

@@ -68,19 +68,30 @@ def plan_text(cfg, keys: dict[str, str]) -> str:
     world = planned_world_size(cfg.launcher)
     index = StageIndex(cfg.run.cache_path)
     previous = "base"
+    # the stage whose model each stage hands on (a data stage hands on its parent's)
+    model_of = {"base": "base"}
     for name, stage in cfg.stages.items():
-        parent = previous if stage.init_from == "previous" else stage.init_from
+        spec = STAGES[stage.method]
+        parent = model_of[previous if stage.init_from == "previous" else stage.init_from]
+        model_of[name] = parent if spec.model_kind == "none" else name
         micro, accum = stage.per_device_train_batch_size, stage.gradient_accumulation_steps
         length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
-        spec = STAGES[stage.method]
-        reference = f", reference {stage.reference or parent}" if spec.uses_reference else ""
+        reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
         peft = stage_peft(stage, cfg.peft)
         adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
-        lines.append(
-            f"  {name}: {stage.method} from {parent}{reference}{adapters}, data {describe_data(stage.data)}, "
-            f"lr {stage.learning_rate:g}, batch {micro} x {accum} accumulation x {world} processes = "
-            f"{global_batch(stage, world)} per step, {length}"
-        )
+        reward = f", reward {stage.reward}" if spec.uses_reward else ""
+        if spec.make_data is not None:
+            lines.append(
+                f"  {name}: {stage.method} sampled from {parent}, {stage.num_samples} replies per prompt "
+                f"(temperature {stage.temperature:g}, up to {stage.max_new_tokens} tokens){reward}, "
+                f"prompts {describe_data(stage.data)}"
+            )
+        else:
+            lines.append(
+                f"  {name}: {stage.method} from {parent}{reference}{adapters}{reward}, data {describe_data(stage.data)}, "
+                f"lr {stage.learning_rate:g}, batch {micro} x {accum} accumulation x {world} processes = "
+                f"{global_batch(stage, world)} per step, {length}"
+            )
         placement = place_stage(name, keys[name], cfg, index)
         where = {
             "reuse": f"reuse complete {placement.folder}",

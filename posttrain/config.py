@@ -18,6 +18,9 @@ from typing import Any
 from posttrain.data import formats
 from posttrain.data.builtin import TaskSpec
 
+# `data.path: stage:<name>`: the dataset an earlier data stage (pairs) wrote
+STAGE_PREFIX = "stage:"
+
 
 class ConfigError(ValueError):
     """A config mistake; the message is one line naming the key and what is allowed."""
@@ -108,6 +111,8 @@ class SourceConfig:
         if self.path.startswith("builtin:"):
             builtins = ("builtin:sft", "builtin:preference")
             require(self.path in builtins, f"{key}.path", f"{self.path!r} is not one of {', '.join(builtins)}")
+        elif self.path.startswith(STAGE_PREFIX):  # an earlier data stage's output (checked with the chain)
+            require(bool(self.path[len(STAGE_PREFIX) :]), f"{key}.path", "stage: needs the stage's name")
         else:
             _check_local_path(self.path, f"{key}.path")
 
@@ -510,8 +515,9 @@ class Config:
 
 # --- the chain as a whole ----------------------------------------------------------------
 
-# the built-in data: which stage kinds it fits
-BUILTIN_KINDS = {"builtin:sft": ("sft",), "builtin:preference": ("preference", "unpaired")}
+# the built-in data (and a data stage's pairs): which stage kinds it fits
+BUILTIN_KINDS = {"builtin:sft": ("sft", "prompt"), "builtin:preference": ("preference", "unpaired", "prompt")}
+PAIRS_KINDS = ("preference", "unpaired")
 
 
 def stage_peft(stage: StageConfig, peft: PeftConfig) -> str:
@@ -523,12 +529,16 @@ def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
     """Mistakes of the chain as a whole, found before anything loads: a reference given to a
     reference-free method, a stage started from a reward model, data that does not fit a method,
     QLoRA without a GPU."""
+    from posttrain.rewards import check_reward_spec
     from posttrain.stages import STAGES
 
     reward_models = {name for name, s in stages.items() if STAGES[s.method].model_kind == "reward"}
+    data_stages = {name for name, s in stages.items() if STAGES[s.method].model_kind == "none"}
     previous, earlier = "base", ["base"]
     for name, stage in stages.items():
         spec = STAGES[stage.method]
+        if spec.uses_reward:
+            check_reward_spec(stage.reward, f"{name}.reward", [s for s in earlier if s in reward_models])
         parent = previous if stage.init_from == "previous" else stage.init_from
         require(
             parent not in reward_models,
@@ -554,6 +564,7 @@ def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
             bound = stage.gate.min_exact_match
             require(bound is None, f"{name}.gate.min_exact_match", "a reward model does not generate; set null")
         _check_data_fits(name, stage, spec.data_kind)
+        _check_stage_sources(name, stage, spec.data_kind, [s for s in earlier if s in data_stages])
         if stage_peft(stage, peft) == "qlora":
             _check_qlora(f"{name}.peft" if stage.peft else "peft.method")
         previous = name
@@ -579,6 +590,22 @@ def _check_data_fits(name: str, stage: StageConfig, kind: str) -> None:
                 f"{key}.path",
                 f"{source.path} is {kinds[0]} data and does not fit {stage.method} ({kind} data); use {other}",
             )
+
+
+def _check_stage_sources(name: str, stage: StageConfig, kind: str, earlier_data_stages: list[str]) -> None:
+    """`stage:<name>` sources name an earlier data stage, and its pairs fit this method."""
+    for i, source in enumerate(stage.data.source_list()):
+        if not source.path.startswith(STAGE_PREFIX):
+            continue
+        key = f"{name}.data.sources[{i}].path" if stage.data.sources else f"{name}.data.path"
+        producer = source.path[len(STAGE_PREFIX) :]
+        allowed = ", ".join(STAGE_PREFIX + s for s in earlier_data_stages) or "none (add a pairs stage before it)"
+        require(producer in earlier_data_stages, key, f"{producer!r} is not an earlier data stage; allowed: {allowed}")
+        require(
+            kind in PAIRS_KINDS,
+            key,
+            f"{source.path} holds preference pairs, which {stage.method} ({kind} data) does not train on",
+        )
 
 
 def _check_qlora(key: str) -> None:

@@ -103,22 +103,6 @@ def response_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ro
     return total / max(count, 1)
 
 
-def load_judge(judge: str) -> Any:
-    """`module:function` imported; a clear error when it cannot be."""
-    import importlib
-
-    from posttrain.config import ConfigError
-
-    module_name, _, name = judge.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"eval.judge: cannot import {judge!r} ({e})") from None
-    if not callable(function):
-        raise ConfigError(f"eval.judge: {judge!r} is not a function")
-    return function
-
-
 def win_rate(judge: str, records: list[dict[str, Any]], parent_records: list[dict[str, Any]]) -> float | None:
     """Mean judge score of this stage's replies against its parent's on the prompts both answered."""
     from posttrain.config import ConfigError
@@ -130,7 +114,9 @@ def win_rate(judge: str, records: list[dict[str, Any]], parent_records: list[dic
     if judge == "exact_match":
         scores = [0.5 + 0.5 * (int(mine["correct"]) - int(theirs["correct"])) for mine, theirs in pairs]
     else:
-        function = load_judge(judge)
+        from posttrain.rewards import import_function
+
+        function = import_function(judge, "eval.judge")
         prompts = [mine["prompt"] for mine, _ in pairs]
         scores = function(prompts, [mine["reply"] for mine, _ in pairs], [theirs["reply"] for _, theirs in pairs])
         if not isinstance(scores, list | tuple) or len(scores) != len(pairs):

@@ -9,13 +9,14 @@ trainer, is evaluated, and is saved as an artifact whose manifest is written las
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts, chat_templates, launch, models, stage_cache
 from posttrain.artifacts import Artifact
-from posttrain.config import GATE_METRICS, Config, ConfigError, StageConfig
+from posttrain.config import GATE_METRICS, STAGE_PREFIX, Config, ConfigError, DataSource, StageConfig
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import DataError, StageData, load_stage_data
 from posttrain.data.report import format_report, plot_lengths
@@ -43,30 +44,75 @@ def _uses_builtin(cfg: Config) -> bool:
     return any(src.path.startswith("builtin:") for s in cfg.stages.values() for src in s.data.source_list())
 
 
+def builtin_folder(cfg: Config) -> Path:
+    spec = cfg.data.builtin
+    return write_tasks(spec, cfg.run.cache_path / "data" / f"builtin-{spec.fingerprint()}")
+
+
+def produced_by(stage: StageConfig) -> list[str]:
+    """The earlier data stages whose output this stage reads (`data.path: stage:<name>`)."""
+    paths = [source.path for source in stage.data.source_list()]
+    return [path[len(STAGE_PREFIX) :] for path in paths if path.startswith(STAGE_PREFIX)]
+
+
+def with_stage_folders(data: DataSource, folders: dict[str, Path]) -> DataSource:
+    """`stage:<name>` sources replaced by the folder of pairs that stage wrote (its test split held out)."""
+
+    def resolved(source):
+        if not source.path.startswith(STAGE_PREFIX):
+            return source
+        folder = folders[source.path[len(STAGE_PREFIX) :]] / "pairs"
+        return dataclasses.replace(source, path=str(folder), eval_split=source.eval_split or "test")
+
+    if data.sources:
+        return dataclasses.replace(data, sources=[resolved(source) for source in data.sources])
+    return resolved(data)
+
+
+def load_data(cfg: Config, name: str, stage: StageConfig, tokenizer, folders: dict[str, Path]) -> StageData:
+    source_folder = builtin_folder(cfg) if _uses_builtin(cfg) else Path()
+    kind = STAGES[stage.method].data_kind
+    try:
+        data = with_stage_folders(stage.data, folders)
+        return load_stage_data(data, kind, source_folder, cfg.run.seed, tokenizer, stage.max_length)
+    except DataError as e:
+        raise DataError(f"{name}.data: {e}") from None
+
+
 def load_all_data(cfg: Config, tokenizer) -> dict[str, StageData]:
     """Every stage's rows, checked and curated before any model is loaded; the data report is
-    printed and written into the run folder."""
-    builtin_folder = Path()
-    if _uses_builtin(cfg):
-        spec = cfg.data.builtin
-        builtin_folder = write_tasks(spec, cfg.run.cache_path / "data" / f"builtin-{spec.fingerprint()}")
-    data, reports = {}, []
-    for name, stage in cfg.stages.items():
-        kind = STAGES[stage.method].data_kind
-        try:
-            data[name] = load_stage_data(stage.data, kind, builtin_folder, cfg.run.seed, tokenizer, stage.max_length)
-        except DataError as e:
-            raise DataError(f"{name}.data: {e}") from None
-        reports.append(format_report(name, data[name].report))
-    if not is_main():
-        return data
-    print("\n\n".join(reports), flush=True)
-    out = cfg.run.output_path
-    artifacts.write_json_atomic(out / "data_report.json", {name: d.report for name, d in data.items()})
-    (out / "data_report.md").write_text("\n\n".join(reports) + "\n")
-    max_lengths = {name: stage.max_length for name, stage in cfg.stages.items()}
-    plot_lengths({name: d.lengths for name, d in data.items()}, max_lengths, out / "data_lengths.png")
+    printed and written into the run folder. Stages that read an earlier data stage's pairs
+    are loaded when that stage is done (`load_later`)."""
+    data = {
+        name: load_data(cfg, name, stage, tokenizer, {}) for name, stage in cfg.stages.items() if not produced_by(stage)
+    }
+    report_data(cfg, data)
     return data
+
+
+def load_later(cfg: Config, name: str, stage: StageConfig, tokenizer, done: dict[str, Artifact]) -> StageData:
+    """The rows of a stage that reads the pairs of earlier data stages, now that they are written."""
+    folders = {producer: Path(done[producer].folder) for producer in produced_by(stage)}
+    with main_first():
+        loaded = load_data(cfg, name, stage, tokenizer, folders)
+    report_data(cfg, {name: loaded})
+    return loaded
+
+
+def report_data(cfg: Config, data: dict[str, StageData]) -> None:
+    """Print the data report of these stages and add it to the run folder's."""
+    if not is_main() or not data:
+        return
+    out = cfg.run.output_path
+    reports = {name: format_report(name, d.report) for name, d in data.items()}
+    print("\n\n".join(reports.values()), flush=True)
+    earlier = artifacts.read_json(out / "data_report.json") if (out / "data_report.json").exists() else None
+    everything = {**(earlier or {}), **{name: d.report for name, d in data.items()}}
+    artifacts.write_json_atomic(out / "data_report.json", everything)
+    (out / "data_report.md").write_text("\n\n".join(format_report(n, r) for n, r in everything.items()) + "\n")
+    if earlier is None:
+        max_lengths = {name: stage.max_length for name, stage in cfg.stages.items()}
+        plot_lengths({name: d.lengths for name, d in data.items()}, max_lengths, out / "data_lengths.png")
 
 
 def eval_conversations(cfg: Config, data: dict[str, StageData]) -> Dataset | None:
@@ -201,16 +247,25 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         gate_error = None
         done: dict[str, Artifact] = {"base": Artifact("base", base_source, keys["base"])}
         previous = done["base"]
+        reward_models: dict[str, str] = {}
         for name, stage in cfg.stages.items():
             guard.check(f"before stage {name}")
             parent = previous if stage.init_from == "previous" else done[stage.init_from]
             reference = done[stage.reference] if stage.reference else None
+            if name not in data:
+                data[name] = load_later(cfg, name, stage, tokenizer, done)
             run = StageRun(name, stage, keys[name], parent, data[name], out / name, reference=reference)
+            run.reward_models = dict(reward_models)
             status, metrics, replies[name] = reuse_or_run(run, cfg, tokenizer, eval_rows, guard, timings)
             if stage.eval.judge:
                 metrics = {**metrics, **judged(name, stage, parent.name, replies)}
             results[name] = {"method": stage.method, "status": status, "metrics": metrics, "path": str(run.folder)}
-            done[name] = previous = Artifact(name, str(run.folder), run.key)
+            # a data stage passes its parent's model on; its own folder holds the data it wrote
+            model_kind = STAGES[stage.method].model_kind
+            model = parent if model_kind == "none" else Artifact(name, str(run.folder), run.key)
+            done[name] = previous = dataclasses.replace(model, folder=str(run.folder))
+            if model_kind == "reward":
+                reward_models[name] = str(run.folder)
             if missed := missed_gate(name, stage, metrics):
                 gate_error = f"{missed}; the chain stops after {name} (its model is complete in {run.folder})"
                 break

@@ -48,12 +48,17 @@ class PreemptionGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def requested_here(self) -> bool:
+        """Whether this process was signalled or the stop file appeared (no other rank asked)."""
+        if not self.requested and self.stop_file is not None and self.stop_file.exists():
+            self.signal_name = f"a stop request ({self.stop_file})"
+        return self.requested
+
     def agreed(self) -> bool:
         """Whether any rank of the run was asked to stop (every rank must stop at the same step)."""
         from posttrain.distributed import any_rank
 
-        if not self.requested and self.stop_file is not None and self.stop_file.exists():
-            self.signal_name = f"a stop request ({self.stop_file})"
+        self.requested_here()
         if any_rank(self.requested) and not self.requested:
             self.signal_name = "a stop signal to another rank"
         return self.requested

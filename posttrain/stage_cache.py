@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posttrain import artifacts
-from posttrain.config import Config, ConfigError, DataSource, ModelConfig, StageConfig
+from posttrain.config import STAGE_PREFIX, Config, ConfigError, DataSource, ModelConfig, StageConfig
 from posttrain.data.builtin import TaskSpec
 from posttrain.data.load import data_files
 from posttrain.distributed import planned_world_size
@@ -56,17 +56,21 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(src: DataSource, builtin: TaskSpec) -> str:
+def data_fingerprint(src: DataSource, builtin: TaskSpec, keys: dict[str, str] | None = None) -> str:
     """A hash of the data settings and of the rows' content, computed without loading them.
 
-    Local files are hashed byte for byte; the built-in data by its generator settings; a hub
-    dataset by id, config, split and revision (pin `revision` for a reproducible key).
+    Local files are hashed byte for byte; the built-in data by its generator settings; an
+    earlier data stage's pairs by that stage's key (`keys`); a hub dataset by id, config,
+    split and revision (pin `revision` for a reproducible key).
     """
     content: dict[str, Any] = {"data": dataclasses.asdict(src), "sources": []}
     for source in src.source_list():
         local = Path(source.path).expanduser()
         if source.path.startswith("builtin:"):
             content["sources"].append({"builtin": builtin.fingerprint()})
+        elif source.path.startswith(STAGE_PREFIX):
+            producer = source.path[len(STAGE_PREFIX) :]
+            content["sources"].append({"stage": (keys or {}).get(producer, producer)})
         elif local.is_file():
             content["sources"].append({local.name: file_digest(local)})
         elif local.is_dir():
@@ -101,21 +105,44 @@ def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
 
 def stage_keys(cfg: Config) -> dict[str, str]:
     """Every stage's key, in chain order (`base` first)."""
+    from posttrain.stages import STAGES
+
     keys = {"base": base_key(cfg.model)}
+    # the key of the model each stage hands on (a data stage hands on its parent's)
+    model_keys = dict(keys)
     previous = "base"
     for name, stage in cfg.stages.items():
         parent = previous if stage.init_from == "previous" else stage.init_from
         content = {
             "config": stage_content(stage, cfg),
-            "parent": keys[parent],
-            "data": data_fingerprint(stage.data, cfg.data.builtin),
+            "parent": model_keys[parent],
+            "data": data_fingerprint(stage.data, cfg.data.builtin, keys),
             "version": KEY_VERSION,
         }
         if stage.reference:
-            content["reference"] = keys[stage.reference]
+            content["reference"] = model_keys[stage.reference]
+        if STAGES[stage.method].uses_reward:
+            content["reward"] = reward_identity(stage.reward, name, keys)
         keys[name] = hash_json(content)
+        model_keys[name] = model_keys[parent] if STAGES[stage.method].model_kind == "none" else keys[name]
         previous = name
     return keys
+
+
+def reward_identity(spec: str, name: str, keys: dict[str, str]) -> Any:
+    """What decides an online stage's rewards: the built-in checker's version, an rm stage's key,
+    a reward model folder's manifest key, or a user function's import path and source."""
+    from posttrain import rewards
+    from posttrain.data.builtin import GENERATOR_VERSION
+
+    if spec == rewards.BUILTIN:
+        return {"builtin": GENERATOR_VERSION}
+    if spec in keys:
+        return {"reward_model": keys[spec]}
+    if rewards.is_function(spec):
+        return rewards.function_identity(spec, f"{name}.reward")
+    manifest = artifacts.read_manifest(Path(spec).expanduser()) or {}
+    return {"reward_model": manifest.get("key", spec)}
 
 
 def eval_key(stage: StageConfig, cfg: Config) -> str:

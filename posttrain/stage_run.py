@@ -45,6 +45,8 @@ class StageRun:
     checkpoint: Path | None = None
     # what a method with a reference compares the policy with (default: the parent)
     reference: Artifact | None = None
+    # earlier rm stages of the chain, name -> folder (reward sources of online stages)
+    reward_models: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def reference_artifact(self) -> Artifact:
@@ -113,6 +115,7 @@ def train_stage(
             peft_config=policy.peft_config,
             callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
             ref_logps=ref_logps_cache(run, cfg) if spec.uses_reference else None,
+            reward=stage_reward(run, cfg, tokenizer) if spec.uses_reward else None,
         )
     )
     use_stage_progress_bar(trainer, run.name)
@@ -126,8 +129,10 @@ def train_stage(
     metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
     if run.checkpoint is not None:
         metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
-    if run.data.eval is not None:
+    if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    if spec.uses_reward:
+        metrics.update(reward_trend(trainer.state.log_history))
     trained = trainer.model
     if zero3 is not None:
         # the weights are partitioned over the ranks: gathered into rank 0's save, then read back
@@ -141,6 +146,45 @@ def train_stage(
         trained = merged(trained, policy, run, cfg)
     del trainer, policy, zero3
     return trained, metrics
+
+
+def stage_reward(run: StageRun, cfg: Config, tokenizer):
+    from posttrain.rewards import load_reward
+
+    return load_reward(run.stage.reward, f"{run.name}.reward", run.reward_models, cfg.model, tokenizer)
+
+
+def reward_trend(log_history: list[dict]) -> dict[str, float]:
+    """The mean sampled reward of an online stage's first and last logging intervals."""
+    rewards = [record["reward"] for record in log_history if "reward" in record]
+    return {"train_reward_first": rewards[0], "train_reward": rewards[-1]} if rewards else {}
+
+
+def make_stage_data(run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard) -> dict[str, float] | None:
+    """A data stage's work, on rank 0 (the others wait): its metrics, or None when stopped."""
+    from posttrain.stages.pairs import DataStageInputs
+
+    metrics = None
+    if distributed.is_main():
+        spec = STAGES[run.stage.method]
+        model = models.load_model(run.parent.source, cfg.model, pad_token_id=tokenizer.pad_token_id)
+        inputs = DataStageInputs(
+            cfg=run.stage,
+            model=model,
+            tokenizer=tokenizer,
+            train_prompts=run.data.train,
+            eval_prompts=run.data.eval,
+            reward=stage_reward(run, cfg, tokenizer),
+            folder=run.folder,
+            source=run.parent.source,
+            seed=cfg.run.seed,
+            checkpoint=run.checkpoint,
+            stop_requested=guard.requested_here,
+        )
+        metrics = spec.make_data(inputs)
+        metrics = {"stopped": True} if metrics is None else metrics
+        del model, inputs
+    return distributed.agree(metrics)
 
 
 def deepspeed_settings(run: StageRun, cfg: Config, args: dict[str, Any]):
@@ -241,7 +285,7 @@ def stage_manifest(run: StageRun, cfg: Config, status: str, **fields) -> dict[st
         "parent": {"name": run.parent.name, "key": run.parent.key, "source": run.parent.source},
         "data": {
             "origin": run.data.origin,
-            "fingerprint": stage_cache.data_fingerprint(run.stage.data, cfg.data.builtin),
+            "fingerprint": stage_cache.data_fingerprint(run.stage.data, cfg.data.builtin, stage_cache.stage_keys(cfg)),
             "train_rows": len(run.data.train),
             "eval_rows": len(run.data.eval) if run.data.eval is not None else 0,
             "curation": run.data.report,
@@ -301,7 +345,10 @@ def run_stage(
     tracker = StageTracker(cfg.logger if main else LoggerConfig(), run.name, cfg.run.output_path, run.folder, running)
     try:
         with tracker:
-            model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
+            if STAGES[run.stage.method].make_data is not None:
+                model, metrics = None, make_stage_data(run, cfg, tokenizer, guard)
+            else:
+                model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
             timings[f"train:{run.name}"] = time.time() - started
             if metrics.get("stopped"):
                 checkpoint = artifacts.last_checkpoint(run.folder)
@@ -314,7 +361,7 @@ def run_stage(
                 metrics, replies = distributed.agree(None)
                 return metrics, replies, timings
             t = time.time()
-            if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model does not generate
+            if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model (or data) does not generate
                 eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
                 metrics.update(eval_metrics)
             else:
@@ -322,7 +369,8 @@ def run_stage(
             tracker.log_final(metrics, int(metrics.get("train_steps", 0)))
             timings[f"eval:{run.name}"] = time.time() - t
         t = time.time()
-        save_model(run, model, tokenizer)
+        if model is not None:
+            save_model(run, model, tokenizer)
         shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
         del model
         gc.collect()

@@ -67,7 +67,7 @@ def conversations(row: dict) -> list[list[dict]]:
         return [row["messages"]]
     if "chosen" in row:
         return [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
-    return [row["prompt"] + row["completion"]]
+    return [row["prompt"] + row.get("completion", [])]
 
 
 def token_lengths(rows: list[dict], tokenizer: PreTrainedTokenizerBase, batch: int = 2000) -> list[int]:

@@ -3,6 +3,7 @@
     sft         {"messages": [...]}
     preference  {"prompt": [...], "chosen": [...], "rejected": [...]}   (conversational)
     unpaired    {"prompt": [...], "completion": [...], "label": bool}   (KTO)
+    prompt      {"prompt": [...]}          (online stages: pairs, grpo; any format's prompt)
 
 Formats: `messages` (ultrachat_200k), `prompt_completion` (strings or message lists),
 `alpaca` (instruction/input/output), `sharegpt` (conversations of from/value),
@@ -19,12 +20,14 @@ import difflib
 import re
 from collections.abc import Callable
 
-FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "preference", "hh", "unpaired")
+FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "preference", "hh", "unpaired", "prompt")
 # formats each kind of stage takes, in the order `auto` tries them
 KIND_FORMATS = {
     "sft": ("messages", "sharegpt", "alpaca", "prompt_completion"),
     "preference": ("preference", "hh"),
     "unpaired": ("unpaired", "preference", "hh"),
+    # the online stages generate their own replies: any row's prompt will do
+    "prompt": ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "hh", "prompt"),
 }
 REQUIRED = {
     "messages": ("messages",),
@@ -34,6 +37,7 @@ REQUIRED = {
     "preference": ("chosen", "rejected"),
     "hh": ("chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),
 }
 OPTIONAL = {"alpaca": ("input", "system"), "preference": ("prompt",), "hh": ()}
 # `task` (built-in data) is kept so evaluation can report accuracy per task
@@ -302,6 +306,12 @@ def from_unpaired(row: dict) -> dict:
     return {"prompt": prompt, "completion": completion, "label": label}
 
 
+def from_prompt(row: dict) -> dict:
+    prompt = _as_messages(row["prompt"], "user", "prompt")
+    check_turns([("prompt", prompt)], ends_with="user")
+    return {"prompt": prompt}
+
+
 CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "messages": from_messages,
     "sharegpt": from_sharegpt,
@@ -310,6 +320,7 @@ CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "preference": from_preference,
     "hh": from_hh,
     "unpaired": from_unpaired,
+    "prompt": from_prompt,
 }
 
 
@@ -319,6 +330,14 @@ def as_unpaired(pair: dict) -> list[dict]:
         {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
         {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False},
     ]
+
+
+def as_prompt(row: dict) -> dict:
+    """The prompt of a converted row: the turns before a conversation's last reply, or its prompt."""
+    if "messages" in row:
+        messages = row["messages"]
+        return {"prompt": messages[:-1] if messages[-1]["role"] == "assistant" else messages}
+    return {"prompt": row["prompt"]}
 
 
 def convert(columns: dict[str, list], fmt: str, kind: str, where: Callable[[int], str]) -> list[dict]:
@@ -335,6 +354,8 @@ def convert(columns: dict[str, list], fmt: str, kind: str, where: Callable[[int]
             out = converter(row)
         except RowError as e:
             raise DataError(f"{where(i)}: {e.field}: {e.problem}") from None
+        if kind == "prompt":
+            out = as_prompt(out)
         for name in kept:
             out[name] = row[name]
         rows += as_unpaired(out) if unpair else [out]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain.stages import cpo, dpo, kto, orpo, rm, sft, simpo
+from posttrain.stages import cpo, dpo, grpo, kto, orpo, pairs, rm, sft, simpo
 from posttrain.stages.base import StageSpec
 
 STAGES: dict[str, StageSpec] = {
@@ -13,4 +13,6 @@ STAGES: dict[str, StageSpec] = {
     "cpo": cpo.STAGE,
     "simpo": simpo.STAGE,
     "rm": rm.STAGE,
+    "pairs": pairs.STAGE,
+    "grpo": grpo.STAGE,
 }

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from posttrain.config import Config, StageConfig
     from posttrain.ref_logps import RefLogpsCache
+    from posttrain.rewards import Reward
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TrainerInputs:
     callbacks: list = field(default_factory=list)
     # where precomputed reference log-probs are kept (methods with a reference model)
     ref_logps: RefLogpsCache | None = None
+    # the stage's reward source (online methods)
+    reward: Reward | None = None
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every TRL trainer takes, besides its config."""
@@ -57,18 +60,25 @@ class StageSpec:
     """A method as the pipeline sees it."""
 
     config_cls: type
-    # which rows the method trains on: conversations, preference pairs, or single replies
-    # labelled good/bad (a preference source is split into two such rows per pair)
-    data_kind: Literal["sft", "preference", "unpaired"]
+    # which rows the method trains on: conversations, preference pairs, single replies
+    # labelled good/bad (a preference source is split into two such rows per pair), or
+    # prompts alone (online stages generate the replies)
+    data_kind: Literal["sft", "preference", "unpaired", "prompt"]
     # True: the policy is compared with a frozen reference model (by default the stage's parent)
     uses_reference: bool
-    make_trainer: Callable[[TrainerInputs], Trainer]
+    # None for a data stage (make_data)
+    make_trainer: Callable[[TrainerInputs], Trainer] | None
     # TRL's config class for the method, imported on call (its fields bound `trainer_args`)
-    trl_config: Callable[[], type]
+    trl_config: Callable[[], type] | None
     # trainer.evaluate() keys shown in the summary, as (key, column name)
     summary_metrics: tuple[tuple[str, str], ...] = ()
-    # what the stage trains and saves: a causal LM (generates), or a reward model (a scalar head)
-    model_kind: Literal["causal_lm", "reward"] = "causal_lm"
+    # what the stage trains and saves: a causal LM (generates), a reward model (a scalar head),
+    # or none: a data stage, which writes a dataset and passes its parent's model on
+    model_kind: Literal["causal_lm", "reward", "none"] = "causal_lm"
+    # a data stage's work (posttrain/stages/pairs.py): returns its metrics, None when stopped
+    make_data: Callable[[Any], dict[str, float] | None] | None = None
+    # True: the stage scores replies with a reward source (its `reward` field)
+    uses_reward: bool = False
 
 
 # --- shared training arguments ---------------------------------------------------------
@@ -125,6 +135,8 @@ def check_trainer_args(spec: StageSpec, cfg: StageConfig, key: str) -> None:
 
     if not cfg.trainer_args:
         return
+    if spec.trl_config is None:
+        raise ConfigError(f"{key}.trainer_args: {cfg.method} trains nothing and takes no trainer arguments")
     config_cls = spec.trl_config()
     known = {f.name for f in dataclasses.fields(config_cls)}
     for name in cfg.trainer_args:

@@ -1,0 +1,201 @@
+"""Reward sources for the online stages (`pairs`, `grpo`): one interface, three kinds.
+
+    reward: builtin                   the built-in tasks' checker: 1.0 for the exact answer, else 0.0
+    reward: <stage>                   a reward model trained by an earlier `rm` stage of the chain,
+                                      or a folder that holds one (its manifest says method rm)
+    reward: my_pkg.rewards:score      a function score(prompts, completions) -> one float per completion
+
+Every source is called the same way: `prompts` are the text of each prompt's last user turn,
+`completions` the generated replies (text), in the same order; it returns one finite float
+per completion. A function that raises or returns the wrong shape stops the stage with an
+error naming it.
+
+    reward = load_reward("builtin", "pairs.reward", {})
+    reward(["What is 2 + 3?"], ["5"])       # [1.0]
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ConfigError
+
+BUILTIN = "builtin"
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned something other than one float per completion."""
+
+
+# --- the built-in tasks' checker ----------------------------------------------------------
+
+_ADD = re.compile(r"What is (\d+) \+ (\d+)\?")
+_REVERSE = re.compile(r"Reverse the letters: ([a-z](?: [a-z])*)")
+_SORT = re.compile(r"Sort the letters: ([a-z](?: [a-z])*)")
+_COUNT = re.compile(r"How many items: (\w+(?: \w+)*)")
+
+
+def solve(prompt: str) -> str | None:
+    """The exact answer to a built-in task's prompt, worked out from the prompt itself
+    (posttrain/data/builtin.py); None for a prompt that is not one of its tasks."""
+    prompt = prompt.strip()
+    if m := _ADD.fullmatch(prompt):
+        return str(int(m[1]) + int(m[2]))
+    if m := _REVERSE.fullmatch(prompt):
+        return " ".join(m[1].split()[::-1])
+    if m := _SORT.fullmatch(prompt):
+        return " ".join(sorted(m[1].split()))
+    if m := _COUNT.fullmatch(prompt):
+        return str(len(m[1].split()))
+    return None
+
+
+def builtin_reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """1.0 when the completion (whitespace-stripped) is the exact answer, else 0.0."""
+    scores = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        answer = solve(prompt)
+        if answer is None:
+            raise RewardError(
+                f"reward builtin: {prompt[:80]!r} is not a built-in task prompt; the built-in checker "
+                "scores only builtin:sft / builtin:preference prompts (use a reward model or module:function)"
+            )
+        scores.append(float(completion.strip() == answer))
+    return scores
+
+
+# --- one interface ------------------------------------------------------------------------
+
+
+class Reward:
+    """A named reward source: `reward(prompts, completions)` -> checked list of floats."""
+
+    def __init__(self, name: str, function: Callable[[list[str], list[str]], Any]):
+        self.name, self.function = name, function
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        prompts, completions = list(prompts), list(completions)
+        try:
+            scores = self.function(prompts, completions)
+        except RewardError:
+            raise
+        except Exception as e:
+            raise RewardError(f"reward {self.name} raised {type(e).__name__}: {e}") from e
+        return checked_scores(self.name, scores, len(completions))
+
+
+def checked_scores(name: str, scores: Any, count: int) -> list[float]:
+    """`scores` as a list of `count` finite floats, or RewardError naming the function."""
+    if hasattr(scores, "tolist"):  # a tensor or numpy array
+        scores = scores.tolist()
+    if not isinstance(scores, list | tuple):
+        raise RewardError(f"reward {name} returned {type(scores).__name__}; expected a list of {count} floats")
+    if len(scores) != count:
+        raise RewardError(f"reward {name} returned {len(scores)} scores for {count} completions")
+    out = []
+    for i, value in enumerate(scores):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RewardError(f"reward {name}: score {i} is {value!r}; expected a finite number")
+        out.append(float(value))
+    return out
+
+
+def import_function(spec: str, key: str) -> Callable:
+    """`module:function` imported; ConfigError naming `key` when it cannot be."""
+    module_name, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}: cannot import {spec!r} ({e})") from None
+    if not callable(function):
+        raise ConfigError(f"{key}: {spec!r} is not a function")
+    return function
+
+
+def is_function(spec: str) -> bool:
+    return ":" in spec
+
+
+def function_identity(spec: str, key: str) -> dict[str, str]:
+    """What names a user's reward function in a stage key: its import path and its source
+    code, so editing the function makes the stage (and what follows) train again."""
+    function = import_function(spec, key)
+    try:
+        source = inspect.getsource(inspect.getmodule(function) or function)
+    except (OSError, TypeError):
+        source = ""
+    from posttrain.stage_cache import hash_json
+
+    return {"function": spec, "source": hash_json(source)}
+
+
+def load_reward(spec: str, key: str, reward_models: dict[str, str], model_cfg=None, tokenizer=None) -> Reward:
+    """The reward source `spec` names (see the module doc); `reward_models` maps the names of
+    earlier `rm` stages to their folders."""
+    if spec == BUILTIN:
+        return Reward(BUILTIN, builtin_reward)
+    if is_function(spec):
+        return Reward(spec, import_function(spec, key))
+    folder = reward_models.get(spec) or spec
+    scorer = RewardModelScorer(Path(folder).expanduser(), model_cfg, tokenizer)
+    return Reward(spec, scorer)
+
+
+class RewardModelScorer:
+    """Scores prompt + completion with a reward model artifact (`*ForSequenceClassification`,
+    one logit), the conversation rendered by the tokenizer's chat template as the rm stage
+    trained it."""
+
+    def __init__(self, folder: Path, model_cfg, tokenizer, batch_size: int = 32):
+        from posttrain import models
+        from posttrain.evaluate import on_accelerator
+
+        self.model = on_accelerator(models.load_model(str(folder), model_cfg, "reward")).eval()
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        import torch
+
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+                )
+                for p, c in zip(prompts[start : start + self.batch_size], completions[start : start + self.batch_size])
+            ]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                logits = self.model(**enc.to(self.model.device)).logits
+            scores += logits[:, 0].float().cpu().tolist()
+        return scores
+
+
+def check_reward_spec(spec: str, key: str, earlier_reward_models: list[str]) -> None:
+    """Plan-time check of a `reward` value: builtin, module:function, an earlier rm stage, or
+    a folder that holds a reward model artifact."""
+    from posttrain import artifacts
+
+    if spec == BUILTIN or spec in earlier_reward_models:
+        return
+    if is_function(spec):
+        module, _, name = spec.partition(":")
+        if not (module and name):
+            raise ConfigError(f"{key}: {spec!r} is not module:function")
+        import_function(spec, key)
+        return
+    folder = Path(spec).expanduser()
+    manifest = artifacts.read_manifest(folder) if folder.is_dir() else None
+    if manifest is not None and manifest.get("method") == "rm" and manifest.get("status") == "complete":
+        return
+    stages = ", ".join(earlier_reward_models) or "none in this chain"
+    raise ConfigError(
+        f"{key}: {spec!r} is not builtin, module:function, an earlier rm stage ({stages}) "
+        "or a folder holding a complete rm artifact"
+    )

@@ -1,0 +1,193 @@
+"""Reward sources and the on-policy pair builder: the built-in checker, a user's function by
+import path (its arguments, its mistakes), reward-spec and chain errors at plan time."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import textwrap
+
+import pytest
+
+from posttrain.config import ConfigError, load_config
+from posttrain.data import formats
+from posttrain.data.builtin import TASKS, TaskSpec, generate
+from posttrain.rewards import RewardError, builtin_reward, load_reward, solve
+from posttrain.stages.pairs import best_and_worst, pair_row
+from tests.conftest import compose_tree
+
+ONLINE = ["+pairs@pairs=onpolicy", "run.stages=[sft,pairs,align]", "align.data={path:'stage:pairs'}"]
+
+
+def test_the_builtin_checker_solves_every_task_from_its_prompt():
+    problems = generate(TaskSpec(), 2000, random.Random(3), exclude=set())
+    assert {p.task for p in problems} == set(TASKS)
+    for p in problems:
+        assert solve(p.prompt) == p.answer, p
+    scores = builtin_reward([p.prompt for p in problems], [f" {p.answer}\n" for p in problems])
+    assert scores == [1.0] * len(problems)
+    assert builtin_reward([p.prompt for p in problems], [p.wrong for p in problems]) == [0.0] * len(problems)
+
+
+def test_the_builtin_checker_refuses_prompts_it_cannot_check():
+    with pytest.raises(RewardError, match="'Write a poem' is not a built-in task prompt"):
+        builtin_reward(["Write a poem"], ["roses"])
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    """A module `my_rewards` on sys.path whose functions record what they were called with."""
+    (tmp_path / "my_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            import json, pathlib
+            CALLS = pathlib.Path(__file__).with_name("calls.jsonl")
+
+            def by_length(prompts, completions):
+                with CALLS.open("a") as f:
+                    f.write(json.dumps({"prompts": prompts, "completions": completions}) + "\\n")
+                return [float(len(c)) for c in completions]
+
+            def raises(prompts, completions):
+                raise KeyError("no score for this")
+
+            def too_few(prompts, completions):
+                return [1.0]
+
+            def not_a_list(prompts, completions):
+                return 3.0
+
+            def a_nan(prompts, completions):
+                return [float("nan")] * len(completions)
+
+            NOT_CALLABLE = 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's copy
+    return tmp_path
+
+
+def test_a_user_reward_function_is_called_with_prompt_texts_and_completions(user_rewards):
+    reward = load_reward("my_rewards:by_length", "pairs.reward", {})
+    assert reward(["What is 2 + 3?", "Hi"], ["5", "hello"]) == [1.0, 5.0]
+    calls = [json.loads(line) for line in (user_rewards / "calls.jsonl").read_text().splitlines()]
+    assert calls == [{"prompts": ["What is 2 + 3?", "Hi"], "completions": ["5", "hello"]}]
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("raises", "reward my_rewards:raises raised KeyError: 'no score for this'"),
+        ("too_few", "reward my_rewards:too_few returned 1 scores for 2 completions"),
+        ("not_a_list", "reward my_rewards:not_a_list returned float; expected a list of 2 floats"),
+        ("a_nan", "reward my_rewards:a_nan: score 0 is nan; expected a finite number"),
+    ],
+)
+def test_a_failing_reward_function_is_named(user_rewards, function, message):
+    reward = load_reward(f"my_rewards:{function}", "pairs.reward", {})
+    with pytest.raises(RewardError) as e:
+        reward(["a", "b"], ["x", "y"])
+    assert str(e.value) == message
+
+
+def _online_config(*overrides: str):
+    return load_config(compose_tree([*ONLINE, *overrides]))
+
+
+def test_reward_mistakes_are_plan_time_errors(user_rewards):
+    with pytest.raises(ConfigError, match=r"^pairs.reward: cannot import 'no_such_module:f' \(No module named"):
+        _online_config("pairs.reward=no_such_module:f")
+    with pytest.raises(ConfigError, match=r"^pairs.reward: cannot import 'my_rewards:nope'"):
+        _online_config("pairs.reward=my_rewards:nope")
+    with pytest.raises(ConfigError, match="^pairs.reward: 'my_rewards:NOT_CALLABLE' is not a function"):
+        _online_config("pairs.reward=my_rewards:NOT_CALLABLE")
+    with pytest.raises(ConfigError) as e:
+        _online_config("pairs.reward=sft")
+    assert str(e.value) == (
+        "pairs.reward: 'sft' is not builtin, module:function, an earlier rm stage (none in this chain) "
+        "or a folder holding a complete rm artifact"
+    )
+    cfg = _online_config("pairs.reward=my_rewards:by_length")
+    assert cfg.stages["pairs"].reward == "my_rewards:by_length"
+
+
+def test_an_rm_stage_is_a_reward_source_for_later_stages():
+    cfg = load_config(
+        compose_tree(
+            [
+                "+align@rm=rm",
+                "+pairs@pairs=onpolicy",
+                "run.stages=[sft,rm,pairs,align]",
+                "pairs.init_from=sft",
+                "pairs.reward=rm",
+                "align.data={path:'stage:pairs'}",
+            ]
+        )
+    )
+    assert cfg.stages["pairs"].reward == "rm"
+    with pytest.raises(ConfigError, match=r"^align.reward: 'rm' is not builtin.*\(none in this chain\)"):
+        load_config(compose_tree(["align=grpo", "align.reward=rm"]))
+
+
+def test_stage_sources_name_an_earlier_data_stage():
+    with pytest.raises(ConfigError) as e:
+        load_config(compose_tree(["align.data={path:'stage:pairs'}"]))
+    assert (
+        str(e.value)
+        == "align.data.path: 'pairs' is not an earlier data stage; allowed: none (add a pairs stage before it)"
+    )
+    with pytest.raises(ConfigError, match="^sft.data.path: stage:pairs holds preference pairs, which sft"):
+        load_config(compose_tree([*ONLINE, "run.stages=[pairs,sft,align]", "sft.data={path:'stage:pairs'}"]))
+
+
+@pytest.mark.parametrize(
+    "scores, expected",
+    [
+        ([0.0, 1.0, 0.0, 1.0], (1, 0)),  # the first of equals on each side
+        ([0.2, 0.9, -0.5, 0.4], (1, 2)),
+        ([1.0, 1.0, 1.0], None),  # a tie: no pair
+        ([0.0, 0.0], None),
+    ],
+)
+def test_the_pair_builder_takes_the_best_and_the_worst_and_skips_ties(scores, expected):
+    assert best_and_worst(scores) == expected
+
+
+def test_the_pair_builder_skips_near_ties_and_identical_texts():
+    assert best_and_worst([0.5, 0.55, 0.52], min_gap=0.1) is None
+    assert best_and_worst([0.5, 0.75], min_gap=0.1) == (1, 0)
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    sample = {"prompt": prompt, "task": "add", "replies": ["6", "5", "5", "4"], "scores": [0.0, 1.0, 1.0, 0.0]}
+    assert pair_row(sample, 0.0) == {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "5"}],
+        "rejected": [{"role": "assistant", "content": "6"}],
+        "chosen_score": 1.0,
+        "rejected_score": 0.0,
+        "task": "add",
+    }
+    noisy = {"prompt": prompt, "replies": ["5", "5"], "scores": [0.9, 0.1]}  # a noisy reward model
+    assert pair_row(noisy, 0.0) is None
+    # a pair row is a valid preference row
+    (converted,) = formats.convert({k: [v] for k, v in pair_row(sample, 0.0).items()}, "preference", "preference", str)
+    assert converted["chosen"][0]["content"] == "5"
+    assert math.isclose(sample["scores"][1] - sample["scores"][0], 1.0)
+
+
+@pytest.mark.parametrize(
+    "columns, fmt",
+    [
+        ({"messages": [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]}, "messages"),
+        ({"prompt": ["Q"], "completion": ["A"]}, "prompt_completion"),
+        ({"prompt": ["Q"], "chosen": ["A"], "rejected": ["B"]}, "preference"),
+        ({"prompt": ["Q"]}, "prompt"),
+    ],
+)
+def test_online_stages_take_the_prompt_of_any_format(columns, fmt):
+    assert formats.detect(list(columns), "prompt", "auto") == fmt
+    (row,) = formats.convert(columns, fmt, "prompt", str)
+    assert row == {"prompt": [{"role": "user", "content": "Q"}]}
