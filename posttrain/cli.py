@@ -88,9 +88,10 @@ def plan_text(cfg, keys: dict[str, str]) -> str:
             )
         else:
             lines.append(
-                f"  {name}: {stage.method} from {parent}{reference}{adapters}{reward}, data {describe_data(stage.data)}, "
-                f"lr {stage.learning_rate:g}, batch {micro} x {accum} accumulation x {world} processes = "
-                f"{global_batch(stage, world)} per step, {length}"
+                f"  {name}: {stage.method} from {parent}{reference}{adapters}{reward}, "
+                f"data {describe_data(stage.data)}, lr {stage.learning_rate:g}, "
+                f"batch {micro} x {accum} accumulation x {world} processes = {global_batch(stage, world)} per step, "
+                f"{length}"
             )
         placement = place_stage(name, keys[name], cfg, index)
         where = {

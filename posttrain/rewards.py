@@ -163,13 +163,13 @@ class RewardModelScorer:
         import torch
 
         scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
-                )
-                for p, c in zip(prompts[start : start + self.batch_size], completions[start : start + self.batch_size])
-            ]
+        conversations = [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        for start in range(0, len(conversations), self.batch_size):
+            batch = conversations[start : start + self.batch_size]
+            texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in batch]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 logits = self.model(**enc.to(self.model.device)).logits

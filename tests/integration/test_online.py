@@ -99,14 +99,12 @@ def test_onpolicy_pairs_then_dpo(tmp_path, cache_dir, user_rewards):
     rows = [json.loads(line) for line in (out / "pairs" / "pairs" / "train.jsonl").read_text().splitlines()]
     assert len(samples) == 32 and all(len(s["replies"]) == 4 for s in samples)
     # prompts whose non-empty replies are not all tied
-    scored = [[x for r, x in zip(s["replies"], s["scores"]) if r] for s in samples]
-    untied = [s for s, xs in zip(samples, scored) if xs and max(xs) > min(xs)]
+    scored = [[x for r, x in zip(s["replies"], s["scores"], strict=True) if r] for s in samples]
+    untied = [(s, xs) for s, xs in zip(samples, scored, strict=True) if xs and max(xs) > min(xs)]
     assert 0 < len(rows) == len(untied) == pairs["metrics"]["pairs"]
     assert pairs["metrics"]["ties_skipped"] == 32 - len(rows)
-    assert [r["prompt"] for r in rows] == [s["prompt"] for s in untied]
-    assert [(r["chosen_score"], r["rejected_score"]) for r in rows] == [
-        (max(xs), min(xs)) for xs in scored if xs and max(xs) > min(xs)
-    ]
+    assert [r["prompt"] for r in rows] == [s["prompt"] for s, _ in untied]
+    assert [(r["chosen_score"], r["rejected_score"]) for r in rows] == [(max(xs), min(xs)) for _, xs in untied]
     # the DPO stage trained on those pairs, from the SFT model (the pairs stage passes it on)
     assert align["parent"]["source"] == str(out / "sft")
     assert align["data"]["train_rows"] == len(rows) and "pairs" in align["data"]["origin"]
