@@ -156,7 +156,8 @@ class RewardModelScorer:
         from posttrain import models
         from posttrain.evaluate import on_accelerator
 
-        self.model = on_accelerator(models.load_model(str(folder), model_cfg, "reward")).eval()
+        model = models.load_model(str(folder), model_cfg, "reward", pad_token_id=tokenizer.pad_token_id)
+        self.model = on_accelerator(model).eval()
         self.tokenizer, self.batch_size = tokenizer, batch_size
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:

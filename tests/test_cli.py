@@ -14,8 +14,10 @@ def posttrain(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_groups_and_recipes():
     proc = posttrain("--help")
     assert proc.returncode == 0
-    assert "align: cpo, dpo, ipo, kto, none, orpo, rm, simpo" in proc.stdout
-    assert "recipe: qwen2_5_0_5b_sft_orpo, tiny_sft_dpo, tiny_sft_orpo, zephyr_sft_dpo" in proc.stdout
+    assert "align: cpo, dpo, grpo, ipo, kto, none, orpo, rm, simpo" in proc.stdout
+    assert "pairs: onpolicy" in proc.stdout
+    recipes = "qwen2_5_0_5b_sft_orpo, tiny_sft_dpo, tiny_sft_grpo, tiny_sft_onpolicy_dpo, tiny_sft_orpo, zephyr_sft_dpo"
+    assert f"recipe: {recipes}" in proc.stdout
 
 
 def test_help_shows_the_config_with_overrides_applied():
@@ -47,7 +49,7 @@ def test_plan_shows_a_mixture_with_its_weights(tmp_path):
 def test_bad_value_is_one_line_on_stderr():
     proc = posttrain("plan=true", "align.method=ppo")
     assert proc.returncode != 0
-    allowed = "none, sft, dpo, orpo, kto, cpo, simpo, rm"
+    allowed = "none, sft, dpo, orpo, kto, cpo, simpo, rm, pairs, grpo"
     assert proc.stderr.strip() == f"error: align.method: unknown method 'ppo'; allowed: {allowed}"
 
 

@@ -191,3 +191,34 @@ def test_online_stages_take_the_prompt_of_any_format(columns, fmt):
     assert formats.detect(list(columns), "prompt", "auto") == fmt
     (row,) = formats.convert(columns, fmt, "prompt", str)
     assert row == {"prompt": [{"role": "user", "content": "Q"}]}
+
+
+def test_a_reward_model_artifact_scores_prompt_and_reply(cache_dir, tmp_path):
+    """A folder holding an rm artifact (manifest: complete rm) is a reward source; its scores
+    are the model's scalar head on the chat-formatted prompt and reply."""
+    import torch
+
+    from posttrain import artifacts, models
+    from posttrain.config import ModelConfig
+    from posttrain.rewards import check_reward_spec
+
+    cfg = ModelConfig()
+    base = models.base_model_source(cfg, cache_dir)
+    tokenizer = models.load_tokenizer(base, cfg)
+    folder = tmp_path / "rm"
+    models.load_model(base, cfg, "reward", pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    with pytest.raises(ConfigError, match="or a folder holding a complete rm artifact"):
+        check_reward_spec(str(folder), "pairs.reward", [])  # no manifest yet
+    artifacts.write_json_atomic(folder / "manifest.json", {"status": "complete", "method": "rm"})
+    check_reward_spec(str(folder), "pairs.reward", [])
+    reward = load_reward(str(folder), "pairs.reward", {}, cfg, tokenizer)
+    prompts, replies = ["What is 2 + 3?", "Sort the letters: c a b"], ["5", "a b c d e"]
+    scores = reward(prompts, replies)
+    model = models.load_model(str(folder), cfg, "reward", pad_token_id=tokenizer.pad_token_id).eval()
+    for prompt, reply, score in zip(prompts, replies, scores, strict=True):
+        conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+        ids = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), return_tensors="pt")
+        with torch.no_grad():
+            alone = model(**ids).logits[0, 0].item()
+        assert math.isclose(score, alone, rel_tol=1e-4, abs_tol=1e-5)  # batched with padding = alone
+    assert scores[0] != scores[1]

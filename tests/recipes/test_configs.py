@@ -14,7 +14,7 @@ from tests.conftest import REPO, compose_tree
 
 CONF = REPO / "conf"
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-GROUPS = ["model", "data", "sft", "align", "peft", "deepspeed", "logger"]
+GROUPS = ["model", "data", "sft", "align", "peft", "deepspeed", "logger", "pairs"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 QLORA_HERE = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
@@ -28,6 +28,8 @@ def test_every_recipe_composes_and_validates(recipe):
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
+    if group == "pairs":  # a data stage: mounted as a section of its own, read by the next stage
+        overrides = [f"+pairs@pairs={option}", "run.stages=[sft,pairs,align]", "align.data={path:'stage:pairs'}"]
     if (group, option) == ("sft", "none"):
         overrides.append("align.init_from=base")  # nothing to start from otherwise
     if (group, option) == ("peft", "qlora") and not QLORA_HERE:
