@@ -222,3 +222,30 @@ def test_a_reward_model_artifact_scores_prompt_and_reply(cache_dir, tmp_path):
             alone = model(**ids).logits[0, 0].item()
         assert math.isclose(score, alone, rel_tol=1e-4, abs_tol=1e-5)  # batched with padding = alone
     assert scores[0] != scores[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([*ONLINE, "pairs.num_samples=1"], "pairs.num_samples: 1 must be >= 2 (a best and a worst)"),
+        ([*ONLINE, "pairs.temperature=0"], "pairs.temperature: 0.0 must be > 0 (replies must differ)"),
+        ([*ONLINE, "pairs.engine=sglang"], "pairs.engine: 'sglang' is not one of auto, transformers, vllm"),
+        (
+            [*ONLINE, "+pairs.trainer_args={seed: 1}"],
+            "pairs.trainer_args: pairs trains nothing and takes no trainer arguments",
+        ),
+        (
+            ["align=grpo", "align.per_device_train_batch_size=12"],
+            "align.per_device_train_batch_size: 12 x 1 accumulation = 12 replies per step is not a multiple of "
+            "num_generations=8 (whole groups per step)",
+        ),
+        (
+            ["align=grpo", "align.loss_type=ppo"],
+            "align.loss_type: 'ppo' is not one of grpo, dapo, dr_grpo, bnpo, cispo, sapo",
+        ),
+    ],
+)
+def test_online_stage_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(compose_tree(overrides))
+    assert str(e.value) == message

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
+from posttrain.generation import check_sampling
 from posttrain.stages.base import StageSpec, TrainerInputs
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
@@ -51,8 +52,7 @@ class GRPOStageConfig(StageConfig):
             f"per step is not a multiple of num_generations={self.num_generations} (whole groups per step)",
         )
         require(self.beta >= 0, f"{key}.beta", f"{self.beta} must be >= 0")
-        require(self.temperature > 0, f"{key}.temperature", f"{self.temperature} must be > 0")
-        require(0 < self.top_p <= 1, f"{key}.top_p", f"{self.top_p} is not in (0, 1]")
+        check_sampling(key, self.temperature, self.top_p)
         require(self.max_completion_length > 0, f"{key}.max_completion_length", "must be > 0")
         require(self.num_iterations >= 1, f"{key}.num_iterations", f"{self.num_iterations} must be >= 1")
         allowed = ", ".join(LOSS_TYPES)

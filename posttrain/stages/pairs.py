@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import StageConfig, require
-from posttrain.generation import ENGINES, Sampler, SamplingSettings
+from posttrain.generation import ENGINES, Sampler, SamplingSettings, check_sampling
 from posttrain.stages.base import StageSpec
 
 if TYPE_CHECKING:
@@ -53,8 +53,7 @@ class PairsStageConfig(StageConfig):
     def validate(self, key: str) -> None:
         super().validate(key)
         require(self.num_samples >= 2, f"{key}.num_samples", f"{self.num_samples} must be >= 2 (a best and a worst)")
-        require(self.temperature > 0, f"{key}.temperature", f"{self.temperature} must be > 0 (replies must differ)")
-        require(0 < self.top_p <= 1, f"{key}.top_p", f"{self.top_p} is not in (0, 1]")
+        check_sampling(key, self.temperature, self.top_p)
         require(self.max_new_tokens > 0, f"{key}.max_new_tokens", f"{self.max_new_tokens} must be > 0")
         require(self.generation_batch_size > 0, f"{key}.generation_batch_size", "must be > 0")
         require(self.min_gap >= 0, f"{key}.min_gap", f"{self.min_gap} must be >= 0")
