@@ -95,7 +95,9 @@ def detect(columns: list[str], kind: str, fmt: str, first_chosen=None) -> str:
             if candidate == "preference" and looks_like_hh(first_chosen):
                 return "hh"
             return candidate
-    other = next((f for k, fs in KIND_FORMATS.items() if k != kind for f in fs if _fits(f, present)), None)
+    # which other kind's rows these are (every row has a prompt: the online stages' kind says nothing)
+    others = (fs for k, fs in KIND_FORMATS.items() if k not in (kind, "prompt"))
+    other = next((f for fs in others for f in fs if _fits(f, present)), None)
     stage = f"{'an' if kind == 'unpaired' else 'a'} {kind} stage"
     hint = f"these rows look like {other} rows, which {stage} cannot train on; " if other else ""
     wanted = "; ".join(f"{f} ({', '.join(REQUIRED[f])})" for f in allowed)
