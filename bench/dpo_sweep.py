@@ -48,7 +48,7 @@ def posttrain_point(model_dir: Path, rows, beta: float, args, out: Path) -> floa
     train_args = dict(
         output_dir=str(out / f"beta{beta}"), per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.batch, max_length=args.seq, max_steps=args.steps, learning_rate=5e-7,
-        use_cpu=not torch.cuda.is_available(), bf16=models.torch_dtype("auto") == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(), bf16=models.compute_dtype("auto") == torch.bfloat16,
         report_to="none", save_strategy="no", disable_tqdm=True, activation_checkpointing=False,
     )  # fmt: skip
     model = models.load_model(str(model_dir), cfg)

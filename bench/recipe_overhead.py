@@ -5,8 +5,9 @@
 
 Runs `posttrain` in a subprocess on a fresh cache and run folder, then splits the wall time
 with the run's own `summary.json` (stage timings) and each stage's trainer metrics
-(`train_runtime`, `eval_runtime`). Framework overhead = everything that is not a trainer's
-optimizer steps, its evaluation or held-out generation. Prints a table, appends to
+(`train_runtime`, `eval_runtime`, `ref_logps_runtime`). Framework overhead = everything that is
+not a trainer's optimizer steps, the reference's forward passes (precomputed log-probs: TRL runs
+them inside each step otherwise), the trainer's evaluation or held-out generation. Prints a table, appends to
 results/recipe_overhead.jsonl.
 """
 
@@ -47,12 +48,15 @@ def main() -> None:
             continue
         metrics = stage["metrics"]
         steps, trainer_eval = metrics.get("train_runtime", 0.0), metrics.get("eval_runtime", 0.0)
+        ref_logps = metrics.get("ref_logps_runtime", 0.0)
         parts[f"{name}: optimizer steps"] = steps
+        parts[f"{name}: reference log-probs"] = ref_logps
         parts[f"{name}: trainer evaluation"] = trainer_eval
-        parts[f"{name}: load, tokenize, set up"] = timings[f"train:{name}"] - steps - trainer_eval
+        parts[f"{name}: load, tokenize, set up"] = timings[f"train:{name}"] - steps - trainer_eval - ref_logps
         parts[f"{name}: held-out generation"] = timings.get(f"eval:{name}", 0.0)
         parts[f"{name}: save"] = timings.get(f"save:{name}", 0.0)
-        work += steps + trainer_eval + timings.get(f"eval:{name}", 0.0)
+        # the reference's forward passes, done once before the steps instead of in each of them
+        work += steps + ref_logps + trainer_eval + timings.get(f"eval:{name}", 0.0)
     parts["rest (summary, plots)"] = wall - sum(parts.values())
     overhead = wall - work
     rows = [[name, round(seconds, 2), f"{100 * seconds / wall:.1f}%"] for name, seconds in parts.items()]

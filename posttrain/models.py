@@ -120,14 +120,24 @@ def _revision(source: str, cfg: ModelConfig) -> str | None:
     return cfg.revision if source == cfg.path else None
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """`auto`: bf16 on a GPU that has bf16 units, fp32 elsewhere (bf16 autocast on CPU is ~4x slower)."""
+def compute_dtype(name: str) -> torch.dtype:
+    """The dtype the matmuls run in; `auto`: bf16 on a GPU that has bf16 units, fp32 elsewhere
+    (bf16 autocast on CPU is ~4x slower)."""
     import torch
 
     if name == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def weights_dtype(name: str, trained: bool) -> torch.dtype:
+    """The dtype weights are loaded in. `auto`: weights a plain trainer updates stay fp32 (bf16
+    autocast computes; an update of lr 5e-7 is below bf16's resolution and would vanish), frozen
+    ones (references, evaluation, LoRA bases, DeepSpeed's bf16 copy) take the compute dtype."""
+    import torch
+
+    return torch.float32 if name == "auto" and trained else compute_dtype(name)
 
 
 def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -163,14 +173,22 @@ def marks_assistant_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def load_model(
-    source: str, cfg: ModelConfig, kind: str = "causal_lm", quantize_4bit: bool = False, pad_token_id: int | None = None
+    source: str,
+    cfg: ModelConfig,
+    kind: str = "causal_lm",
+    quantize_4bit: bool = False,
+    pad_token_id: int | None = None,
+    trained: bool = False,
 ) -> PreTrainedModel:
     """A causal LM, or (kind `reward`) the same weights under a scalar sequence-classification head
-    (a new head when `source` is a causal LM); `quantize_4bit`: NF4 weights for QLoRA (CUDA only)."""
+    (a new head when `source` is a causal LM); `quantize_4bit`: NF4 weights for QLoRA (CUDA only);
+    `trained`: every weight is updated by a plain (not DeepSpeed) trainer (see weights_dtype)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = dict(
-        revision=_revision(source, cfg), dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+        revision=_revision(source, cfg),
+        dtype=weights_dtype(cfg.dtype, trained),
+        attn_implementation=cfg.attn_implementation,
     )
     if quantize_4bit:
         import torch

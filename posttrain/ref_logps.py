@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,10 @@ def rows_digest(dataset: Dataset) -> str:
     """sha256 of the tokenized rows (their arrow buffers), independent of how they were made."""
     import pyarrow as pa
 
+    # one chunk and no metadata (it holds the dataset's fingerprint, which names the steps that made
+    # it): the same rows give the same bytes however many processes tokenized them
     table = dataset.select_columns([c for c in TOKEN_COLUMNS if c in dataset.column_names]).data.table
+    table = table.combine_chunks().replace_schema_metadata(None)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -60,6 +64,8 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
     class CachingTrainer(trainer_cls):
         # split name -> "cache" or "computed", for tests and the log
         ref_logps_source: dict[str, str] = {}
+        # seconds spent computing or reading them (forward passes a per-step reference would run)
+        ref_logps_seconds = 0.0
 
         def __init__(self, *args, **kwargs):
             # TRL names the reference by hashing every weight (seconds for a 0.5B model, each time
@@ -73,6 +79,13 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
                 trainer_module.hash_module = hash_weights
 
         def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+            started = time.perf_counter()
+            try:
+                return self._cached_ref_logps(dataset, name, batch_size)
+            finally:
+                self.ref_logps_seconds += time.perf_counter() - started
+
+        def _cached_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
             from posttrain.distributed import agree
 
             path = cache_path(cache, name, dataset)

@@ -25,7 +25,13 @@ from posttrain.plots import plot_curves
 from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.ref_logps import RefLogpsCache
 from posttrain.stages import STAGES
-from posttrain.stages.base import TrainerInputs, metrics_logger, training_args, use_stage_progress_bar
+from posttrain.stages.base import (
+    TrainerInputs,
+    metrics_logger,
+    tokenization_processes,
+    training_args,
+    use_stage_progress_bar,
+)
 from posttrain.tracking import StageTracker
 
 if TYPE_CHECKING:
@@ -68,6 +74,12 @@ class Policy:
     ref_model: PreTrainedModel | None
 
 
+def trains_loaded_weights(stage: StageConfig, cfg: Config) -> bool:
+    """Full fine-tuning by a plain trainer updates the loaded weights themselves (so they load as
+    fp32 master weights under model.dtype=auto); LoRA trains adapters, DeepSpeed its own fp32 copy."""
+    return stage_peft(stage, cfg.peft) == "none" and cfg.deepspeed.stage is None
+
+
 def build_policy(run: StageRun, cfg: Config, tokenizer) -> Policy:
     """Load the stage's model per its PEFT method and hand-off policy, and its reference if that
     is not the policy itself (before its first step, or with its new adapter off)."""
@@ -77,10 +89,12 @@ def build_policy(run: StageRun, cfg: Config, tokenizer) -> Policy:
     # merge: train on the parent's (merged) weights; stack: on its base, under its adapters
     chain = peft_handoff.lineage(run.parent.source) if stack else {"base": run.parent.source, "adapters": []}
 
-    def load(source: str) -> PreTrainedModel:
-        return models.load_model(source, cfg.model, spec.model_kind, method == "qlora", tokenizer.pad_token_id)
+    def load(source: str, trained: bool = False) -> PreTrainedModel:
+        return models.load_model(
+            source, cfg.model, spec.model_kind, method == "qlora", tokenizer.pad_token_id, trained=trained
+        )
 
-    model, peft_config = load(chain["base"]), None
+    model, peft_config = load(chain["base"], trained=trains_loaded_weights(run.stage, cfg)), None
     if method != "none":
         peft_config = peft_handoff.lora_config(cfg.peft, cfg.model, spec.model_kind)
         if chain["adapters"]:
@@ -100,7 +114,7 @@ def train_stage(
     (None on ranks other than 0 under ZeRO-3) and the trainer's metrics, or (None, {"stopped": True})
     when a preemption signal stopped it at a checkpoint."""
     spec = STAGES[run.stage.method]
-    args = training_args(run.stage, cfg, run.folder)
+    args = training_args(run.stage, cfg, run.folder) | tokenization_processes(spec, run.stage, len(run.data.train))
     zero3 = deepspeed_settings(run, cfg, args)
     policy = build_policy(run, cfg, tokenizer)
     trainer = spec.make_trainer(
@@ -127,6 +141,8 @@ def train_stage(
     if guard.requested and result.global_step < trainer.state.max_steps:
         return None, {"stopped": True}  # at a checkpoint; a signal after the last step lets the stage finish
     metrics: dict[str, float] = {**result.metrics, "train_steps": result.global_step}
+    if getattr(trainer, "ref_logps_seconds", 0.0):
+        metrics["ref_logps_runtime"] = trainer.ref_logps_seconds
     if run.checkpoint is not None:
         metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
     if trainer.eval_dataset is not None:
@@ -233,7 +249,9 @@ def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:
         folder = cfg.run.cache_path / "ref_logps" / reference.key
     # a 4-bit (QLoRA) policy computes 4-bit reference log-probs
     quantized = stage_peft(run.stage, cfg.peft) == "qlora"
-    settings = f"{cfg.model.dtype}|{cfg.model.attn_implementation}|{'nf4' if quantized else 'full'}"
+    trained = trains_loaded_weights(run.stage, cfg)
+    dtypes = f"{models.weights_dtype(cfg.model.dtype, trained)}>{models.compute_dtype(cfg.model.dtype)}"
+    settings = f"{dtypes}|{cfg.model.attn_implementation}|{'nf4' if quantized else 'full'}"
     return RefLogpsCache(folder, reference.key, settings)
 
 

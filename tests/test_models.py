@@ -58,7 +58,20 @@ def test_named_chat_template_replaces_missing_one(tiny):
 
 def test_dtype_auto_is_fp32_on_cpu():
     if not torch.cuda.is_available():
-        assert models.torch_dtype("auto") == torch.float32
+        assert models.compute_dtype("auto") == torch.float32
+        assert models.weights_dtype("auto", trained=True) == torch.float32
+
+
+def test_dtype_auto_on_a_bf16_gpu_keeps_trained_weights_fp32(monkeypatch):
+    # the choice alone, as on a GPU with bf16 units: bf16 compute, fp32 master weights for
+    # the weights a plain trainer updates, bf16 for frozen ones; an explicit dtype is used as is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert models.compute_dtype("auto") == torch.bfloat16
+    assert models.weights_dtype("auto", trained=True) == torch.float32
+    assert models.weights_dtype("auto", trained=False) == torch.bfloat16
+    assert models.weights_dtype("bfloat16", trained=True) == torch.bfloat16
+    assert models.weights_dtype("float32", trained=False) == torch.float32
 
 
 TEMPLATE_TURNS = {

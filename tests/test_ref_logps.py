@@ -8,7 +8,7 @@ from posttrain import models
 from posttrain.config import DataSource, ModelConfig
 from posttrain.data.builtin import TaskSpec, write_tasks
 from posttrain.data.load import load_stage_data
-from posttrain.ref_logps import RefLogpsCache
+from posttrain.ref_logps import RefLogpsCache, rows_digest
 from posttrain.stages import STAGES
 from posttrain.stages.base import TrainerInputs
 
@@ -25,12 +25,12 @@ def setup(tmp_path_factory):
     return folder, cfg, source, models.load_tokenizer(source, cfg), data
 
 
-def dpo_trainer(setup, cache: RefLogpsCache | None, tmp_path):
+def dpo_trainer(setup, cache: RefLogpsCache | None, tmp_path, **more_args):
     folder, cfg, source, tokenizer, data = setup
     stage = STAGES["dpo"].config_cls(method="dpo", max_length=64, per_device_train_batch_size=8)
     args = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        max_length=64, use_cpu=True, report_to="none", max_steps=1, disable_tqdm=True,
+        max_length=64, use_cpu=True, report_to="none", max_steps=1, disable_tqdm=True, **more_args,
     )  # fmt: skip
     inputs = TrainerInputs(
         cfg=stage, model=models.load_model(source, cfg), ref_model=None, tokenizer=tokenizer,
@@ -56,6 +56,16 @@ def test_cached_reference_logps_equal_freshly_computed_ones_and_are_reused(setup
         assert logps(first, split) == logps(fresh, split)
         assert logps(again, split) == logps(fresh, split)
     assert first.ref_model is None  # the policy, still equal to the reference, computed them
+
+
+def test_rows_tokenized_in_two_processes_read_the_same_cached_logps(setup, tmp_path):
+    # large datasets are tokenized in a pool (tokenization_processes): same rows, same cache file
+    cache = RefLogpsCache(tmp_path / "ref_logps", "key-a", "float32|sdpa|none")
+    one = dpo_trainer(setup, cache, tmp_path)
+    two = dpo_trainer(setup, cache, tmp_path, dataset_num_proc=2)
+    assert two.ref_logps_source == {"train": "cache", "eval": "cache"}
+    assert two.train_dataset["chosen_ids"] == one.train_dataset["chosen_ids"]
+    assert rows_digest(two.train_dataset) == rows_digest(one.train_dataset)
 
 
 def test_another_reference_or_length_gets_its_own_logps(setup, tmp_path):

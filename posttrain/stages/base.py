@@ -88,9 +88,9 @@ def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[st
     """transformers/TRL training arguments from a stage config, with precision set from the device."""
     import torch
 
-    from posttrain.models import torch_dtype
+    from posttrain.models import compute_dtype
 
-    dtype = torch_dtype(run_cfg.model.dtype)
+    dtype = compute_dtype(run_cfg.model.dtype)
     args: dict[str, Any] = dict(
         output_dir=str(stage_dir / "checkpoints"),
         learning_rate=cfg.learning_rate,
@@ -125,6 +125,26 @@ def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[st
         args["train_sampling_strategy"] = "group_by_length"
     args.update(cfg.trainer_args)
     return args
+
+
+# rows below which one process tokenizes faster than a pool of them starts
+PARALLEL_TOKENIZATION_ROWS = 4000
+
+
+def tokenization_processes(spec: StageSpec, cfg: StageConfig, rows: int) -> dict[str, int]:
+    """TRL's `dataset_num_proc` for a stage of `rows` training rows: the CPU cores this rank may
+    use (at most 8), when the method's trainer tokenizes in processes and the dataset is large
+    enough to pay for starting them ({} otherwise, and when trainer_args sets it)."""
+    import dataclasses
+    import os
+
+    if spec.trl_config is None or "dataset_num_proc" in cfg.trainer_args or rows < PARALLEL_TOKENIZATION_ROWS:
+        return {}
+    if "dataset_num_proc" not in {f.name for f in dataclasses.fields(spec.trl_config())}:
+        return {}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return {"dataset_num_proc": min(cores, 8)} if cores > 1 else {}
 
 
 def check_trainer_args(spec: StageSpec, cfg: StageConfig, key: str) -> None:
