@@ -35,6 +35,7 @@ from posttrain.stages.base import (
 from posttrain.tracking import StageTracker
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel
 
 
@@ -78,6 +79,16 @@ def trains_loaded_weights(stage: StageConfig, cfg: Config) -> bool:
     """Full fine-tuning by a plain trainer updates the loaded weights themselves (so they load as
     fp32 master weights under model.dtype=auto); LoRA trains adapters, DeepSpeed its own fp32 copy."""
     return stage_peft(stage, cfg.peft) == "none" and cfg.deepspeed.stage is None
+
+
+def saved_dtype(stage: StageConfig, cfg: Config) -> torch.dtype | None:
+    """The dtype fp32 master weights are evaluated and saved in: the one they computed in (bf16 on
+    a GPU with bf16 units), as a bf16 trainer would save them (half the disk; what the base model
+    shipped as); None: as trained. `model.dtype=float32` keeps fp32 throughout."""
+    if not trains_loaded_weights(stage, cfg):
+        return None
+    compute = models.compute_dtype(cfg.model.dtype)
+    return compute if compute != models.weights_dtype(cfg.model.dtype, trained=True) else None
 
 
 def build_policy(run: StageRun, cfg: Config, tokenizer) -> Policy:
@@ -378,6 +389,8 @@ def run_stage(
                 del model
                 metrics, replies = distributed.agree(None)
                 return metrics, replies, timings
+            if model is not None and (dtype := saved_dtype(run.stage, cfg)) is not None:
+                model.to(dtype)  # evaluated as saved
             t = time.time()
             if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model (or data) does not generate
                 eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)

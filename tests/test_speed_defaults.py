@@ -31,3 +31,38 @@ def test_large_datasets_are_tokenized_on_every_core_of_this_rank(monkeypatch):
     # as many ranks on this node as cores: each rank tokenizes alone
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(CORES))
     assert tokenization_processes(STAGES["sft"], stage("sft"), rows) == {}
+
+
+def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkeypatch, tmp_path, cache_dir):
+    """As on a GPU with bf16 units (bf16 autocast, here on the CPU): a full fine-tune trains fp32
+    weights and hands on a plain bf16 model, as a bf16 trainer would; LoRA and DeepSpeed save as trained."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import models
+    from posttrain.config import load_config
+    from posttrain.pipeline import run_pipeline
+    from posttrain.stage_run import saved_dtype
+    from tests.conftest import compose_tree
+
+    on_gpu = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    monkeypatch.setattr(models, "compute_dtype", on_gpu.__getitem__)
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(cache_dir))
+    out = tmp_path / "run"
+    overrides = [f"run.output_dir={out}", "align=none", "sft.max_steps=2", "sft.eval.num_prompts=4"]
+    cfg = load_config(compose_tree(overrides))
+    assert saved_dtype(cfg.stages["sft"], cfg) == torch.bfloat16
+    run_pipeline(cfg)
+    saved = load_file(str(out / "sft" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert json.loads((out / "sft" / "config.json").read_text())["dtype"] == "bfloat16"
+    base = AutoModelForCausalLM.from_pretrained(models.base_model_source(cfg.model, cfg.run.cache_path))
+    assert base.dtype == torch.float32  # the tiny base is fp32, the stage trained on fp32 weights
+    changed = [k for k, v in base.state_dict().items() if k in saved and not torch.equal(v.bfloat16(), saved[k])]
+    assert changed, "the saved model equals the base"
+    for kept in (["peft=lora"], ["model.dtype=float32"]):
+        other = load_config(compose_tree([*overrides, *kept]))
+        assert saved_dtype(other.stages["sft"], other) is None
