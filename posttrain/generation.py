@@ -28,14 +28,6 @@ class SamplingSettings:
     engine: str = "auto"
 
 
-def check_sampling(key: str, temperature: float, top_p: float) -> None:
-    """Sampling settings of an online stage: ConfigError naming the key."""
-    from posttrain.config import require
-
-    require(temperature > 0, f"{key}.temperature", f"{temperature} must be > 0 (replies must differ)")
-    require(0 < top_p <= 1, f"{key}.top_p", f"{top_p} is not in (0, 1]")
-
-
 def vllm_usable() -> bool:
     import importlib.util
 

@@ -254,7 +254,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             reference = done[stage.reference] if stage.reference else None
             if name not in data:
                 data[name] = load_later(cfg, name, stage, tokenizer, done)
-            run = StageRun(name, stage, keys[name], parent, data[name], out / name, reference=reference)
+            fingerprint = stage_cache.data_fingerprint(stage.data, cfg.data.builtin, keys)
+            run = StageRun(name, stage, keys[name], parent, data[name], out / name, fingerprint, reference=reference)
             run.reward_models = dict(reward_models)
             status, metrics, replies[name] = reuse_or_run(run, cfg, tokenizer, eval_rows, guard, timings)
             if stage.eval.judge:

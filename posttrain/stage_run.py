@@ -26,6 +26,7 @@ from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.ref_logps import RefLogpsCache
 from posttrain.stages import STAGES
 from posttrain.stages.base import (
+    DataStageInputs,
     TrainerInputs,
     metrics_logger,
     tokenization_processes,
@@ -49,6 +50,8 @@ class StageRun:
     parent: Artifact
     data: StageData
     folder: Path
+    # the hash of the stage's data settings and rows (part of `key`; recorded in its manifest)
+    data_fingerprint: str
     checkpoint: Path | None = None
     # what a method with a reference compares the policy with (default: the parent)
     reference: Artifact | None = None
@@ -189,8 +192,6 @@ def reward_trend(log_history: list[dict]) -> dict[str, float]:
 
 def make_stage_data(run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard) -> dict[str, float] | None:
     """A data stage's work, on rank 0 (the others wait): its metrics, or None when stopped."""
-    from posttrain.stages.pairs import DataStageInputs
-
     metrics = None
     if distributed.is_main():
         spec = STAGES[run.stage.method]
@@ -314,7 +315,7 @@ def stage_manifest(run: StageRun, cfg: Config, status: str, **fields) -> dict[st
         "parent": {"name": run.parent.name, "key": run.parent.key, "source": run.parent.source},
         "data": {
             "origin": run.data.origin,
-            "fingerprint": stage_cache.data_fingerprint(run.stage.data, cfg.data.builtin, stage_cache.stage_keys(cfg)),
+            "fingerprint": run.data_fingerprint,
             "train_rows": len(run.data.train),
             "eval_rows": len(run.data.eval) if run.data.eval is not None else 0,
             "curation": run.data.report,

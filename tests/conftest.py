@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,11 @@ def assistant_tokens(tok, messages: list[dict]) -> list[int]:
     """The token ids the chat template marks as the assistant's (what assistant-only loss trains)."""
     enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     return [t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
+
+
+def user_module(folder: Path, monkeypatch, name: str, source: str) -> Path:
+    """`<folder>/<name>.py` written from `source` and importable afresh (not another test's copy)."""
+    (folder / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return folder

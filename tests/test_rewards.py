@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
-import textwrap
 
 import pytest
 
@@ -16,7 +14,7 @@ from posttrain.data import formats
 from posttrain.data.builtin import TASKS, TaskSpec, generate
 from posttrain.rewards import RewardError, builtin_reward, load_reward, solve
 from posttrain.stages.pairs import best_and_worst, pair_row
-from tests.conftest import compose_tree
+from tests.conftest import compose_tree, user_module
 
 ONLINE = ["+pairs@pairs=onpolicy", "run.stages=[sft,pairs,align]", "align.data={path:'stage:pairs'}"]
 
@@ -39,9 +37,11 @@ def test_the_builtin_checker_refuses_prompts_it_cannot_check():
 @pytest.fixture
 def user_rewards(tmp_path, monkeypatch):
     """A module `my_rewards` on sys.path whose functions record what they were called with."""
-    (tmp_path / "my_rewards.py").write_text(
-        textwrap.dedent(
-            """
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "my_rewards",
+        """
             import json, pathlib
             CALLS = pathlib.Path(__file__).with_name("calls.jsonl")
 
@@ -63,11 +63,8 @@ def user_rewards(tmp_path, monkeypatch):
                 return [float("nan")] * len(completions)
 
             NOT_CALLABLE = 3
-            """
-        )
+            """,
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's copy
     return tmp_path
 
 

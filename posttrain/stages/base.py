@@ -15,13 +15,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from posttrain.config import StageConfig, require
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-    from posttrain.config import Config, StageConfig
+    from posttrain.config import Config
     from posttrain.ref_logps import RefLogpsCache
     from posttrain.rewards import Reward
+
+
+@dataclass
+class OnlineStageConfig(StageConfig):
+    """What every stage that samples replies from its model and scores them has."""
+
+    # who scores the replies: builtin (the built-in tasks' checker), an earlier rm stage's name
+    # (or a folder holding a reward model), or module:function(prompts, completions) -> floats
+    reward: str = "builtin"
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        require(self.temperature > 0, f"{key}.temperature", f"{self.temperature} must be > 0 (replies must differ)")
+        require(0 < self.top_p <= 1, f"{key}.top_p", f"{self.top_p} is not in (0, 1]")
 
 
 @dataclass
@@ -55,6 +73,27 @@ class TrainerInputs:
         )
 
 
+@dataclass
+class DataStageInputs:
+    """What a data stage's `make_data` gets."""
+
+    # the data stage's own config (a PairsStageConfig, ...)
+    cfg: StageConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    train_prompts: Dataset
+    eval_prompts: Dataset | None
+    reward: Reward
+    folder: Path
+    # the model's folder (vLLM reads it)
+    source: str
+    seed: int
+    # the checkpoint a resumed stage continues from
+    checkpoint: Path | None
+    # True once a stop was requested (preemption): checked after every batch of prompts
+    stop_requested: Callable[[], bool]
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """A method as the pipeline sees it."""
@@ -76,7 +115,7 @@ class StageSpec:
     # or none: a data stage, which writes a dataset and passes its parent's model on
     model_kind: Literal["causal_lm", "reward", "none"] = "causal_lm"
     # a data stage's work (posttrain/stages/pairs.py): returns its metrics, None when stopped
-    make_data: Callable[[Any], dict[str, float] | None] | None = None
+    make_data: Callable[[DataStageInputs], dict[str, float] | None] | None = None
     # True: the stage scores replies with a reward source (its `reward` field)
     uses_reward: bool = False
 

@@ -11,25 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import StageConfig, require
-from posttrain.generation import check_sampling
-from posttrain.stages.base import StageSpec, TrainerInputs
+from posttrain.config import require
+from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
-class GRPOStageConfig(StageConfig):
-    # who scores the replies: builtin (the built-in tasks' checker), an earlier rm stage's name
-    # (or a folder holding a reward model), or module:function(prompts, completions) -> floats
-    reward: str = "builtin"
+class GRPOStageConfig(OnlineStageConfig):
     # replies sampled per prompt (the group); per_device_train_batch_size counts replies
     num_generations: int = 8
     # KL coefficient to the parent (the reference); 0 loads no reference model
     beta: float = 0.0
-    temperature: float = 1.0
-    top_p: float = 1.0
     # longest sampled reply, in tokens
     max_completion_length: int = 64
     # PPO-style clipping of the policy ratio
@@ -52,7 +46,6 @@ class GRPOStageConfig(StageConfig):
             f"per step is not a multiple of num_generations={self.num_generations} (whole groups per step)",
         )
         require(self.beta >= 0, f"{key}.beta", f"{self.beta} must be >= 0")
-        check_sampling(key, self.temperature, self.top_p)
         require(self.max_completion_length > 0, f"{key}.max_completion_length", "must be > 0")
         require(self.num_iterations >= 1, f"{key}.num_iterations", f"{self.num_iterations} must be >= 1")
         allowed = ", ".join(LOSS_TYPES)

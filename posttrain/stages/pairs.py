@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from posttrain.config import StageConfig, require
-from posttrain.generation import ENGINES, Sampler, SamplingSettings, check_sampling
-from posttrain.stages.base import StageSpec
+from posttrain.config import require
+from posttrain.generation import ENGINES, Sampler, SamplingSettings
+from posttrain.stages.base import DataStageInputs, OnlineStageConfig, StageSpec
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -31,14 +31,9 @@ SPLITS = ("train", "test")
 
 
 @dataclass
-class PairsStageConfig(StageConfig):
-    # who scores the replies: builtin (the built-in tasks' checker), an earlier rm stage's name
-    # (or a folder holding a reward model), or module:function(prompts, completions) -> floats
-    reward: str = "builtin"
+class PairsStageConfig(OnlineStageConfig):
     # replies sampled per prompt (k); the best and the worst become a pair
     num_samples: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
     max_new_tokens: int = 64
     # prompts per generate() call (each gives num_samples replies)
     generation_batch_size: int = 32
@@ -53,7 +48,6 @@ class PairsStageConfig(StageConfig):
     def validate(self, key: str) -> None:
         super().validate(key)
         require(self.num_samples >= 2, f"{key}.num_samples", f"{self.num_samples} must be >= 2 (a best and a worst)")
-        check_sampling(key, self.temperature, self.top_p)
         require(self.max_new_tokens > 0, f"{key}.max_new_tokens", f"{self.max_new_tokens} must be > 0")
         require(self.generation_batch_size > 0, f"{key}.generation_batch_size", "must be > 0")
         require(self.min_gap >= 0, f"{key}.min_gap", f"{self.min_gap} must be >= 0")
@@ -98,26 +92,6 @@ def pair_row(sample: dict, min_gap: float) -> dict | None:
 
 
 # --- the stage --------------------------------------------------------------------------------
-
-
-@dataclass
-class DataStageInputs:
-    """What a data stage's `make_data` gets."""
-
-    cfg: PairsStageConfig
-    model: Any
-    tokenizer: Any
-    train_prompts: Dataset
-    eval_prompts: Dataset | None
-    reward: Reward
-    folder: Path
-    # the model's folder (vLLM reads it)
-    source: str
-    seed: int
-    # the checkpoint a resumed stage continues from
-    checkpoint: Path | None
-    # True once a stop was requested (preemption): checked after every batch of prompts
-    stop_requested: Callable[[], bool]
 
 
 def _first(rows: Dataset | None, count: int | None) -> Dataset | None:

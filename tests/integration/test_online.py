@@ -5,8 +5,6 @@ and an interrupted pairs stage resumes to the same pairs as an uninterrupted one
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from posttrain import artifacts, launch
 from posttrain.config import load_config
 from posttrain.pipeline import run_pipeline
 from posttrain.preemption import Preempted
-from tests.conftest import FAST, compose_tree
+from tests.conftest import FAST, compose_tree, user_module
 
 PAIRS = [
     "+pairs@pairs=onpolicy",
@@ -60,9 +58,11 @@ def _changed(before: Path, after: Path) -> list[str]:
 def user_rewards(tmp_path, monkeypatch):
     """`my_rewards` on sys.path: the built-in checker (shorter replies break ties) that records
     its calls, and stops the run (through the stop file) at its third call when STOP_FILE is set."""
-    (tmp_path / "my_rewards.py").write_text(
-        textwrap.dedent(
-            """
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "my_rewards",
+        """
             import json, os, pathlib
             from posttrain.rewards import builtin_reward
             CALLS = pathlib.Path(__file__).with_name("calls.jsonl")
@@ -78,11 +78,8 @@ def user_rewards(tmp_path, monkeypatch):
                 # never right, and all ties give no pair)
                 exact = builtin_reward(prompts, completions)
                 return [e - len(c) / 100 for e, c in zip(exact, completions)]
-            """
-        )
+            """,
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's copy
     return tmp_path / "calls.jsonl"
 
 
