@@ -311,9 +311,29 @@ def parameter_counts(model: ModelConfig) -> tuple[int, int]:
     return total, largest
 
 
-def memory_per_gpu(ds: DeepSpeedConfig, total: int, largest: int, gpus: int, nodes: int) -> tuple[float, float]:
+def whole_model_bytes(cfg: Config) -> tuple[float, str]:
+    """Model-state bytes per parameter of a process that holds the whole model (no ZeRO), for the
+    chain's heaviest trained stage, and what they are."""
+    from posttrain.config import stage_peft
+    from posttrain.models import compute_dtype
+    from posttrain.stages import STAGES
+
+    trained = [s for s in cfg.stages.values() if STAGES[s.method].make_trainer is not None]
+    methods = {stage_peft(s, cfg.peft) for s in trained} or {"none"}
+    half = cfg.model.dtype in ("bfloat16", "float16")
+    if "none" in methods:  # full fine-tuning: weights, gradients and Adam's two moments
+        return (8.0, "16-bit weights, gradients, Adam") if half else (16.0, "fp32 weights, gradients, Adam")
+    if "lora" in methods:  # frozen weights in the compute dtype (on this machine); the adapters are small
+        dtype = compute_dtype(cfg.model.dtype)
+        return float(dtype.itemsize), f"{str(dtype).removeprefix('torch.')} frozen weights"
+    return 0.6, "NF4 frozen weights"
+
+
+def memory_per_gpu(
+    ds: DeepSpeedConfig, total: int, largest: int, gpus: int, nodes: int, whole: float = 16.0
+) -> tuple[float, float]:
     """DeepSpeed's own estimate of model-state memory (params, gradients, optimizer), in bytes:
-    (per GPU, CPU per node). Activations come on top."""
+    (per GPU, CPU per node); without ZeRO, `whole` bytes per parameter. Activations come on top."""
     if ds.stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -334,8 +354,7 @@ def memory_per_gpu(ds: DeepSpeedConfig, total: int, largest: int, gpus: int, nod
             total, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=ds.offload_optimizer
         )
         return gpu, cpu
-    # no ZeRO: every process holds fp32 weights, gradients and Adam's two moments (16 bytes each)
-    return 16.0 * total, 0.0
+    return whole * total, 0.0  # no ZeRO: every process holds the whole model
 
 
 def _gib(n: float) -> str:
@@ -355,8 +374,6 @@ def plan_lines(cfg: Config) -> list[str]:
     lines = [f"launch: {launcher.name}{how}, {launcher.nnodes} node(s) x {per_node} process(es) = {world}"]
     if ds.stage is None:
         lines.append("deepspeed: none" + (" (DDP: every process holds the whole model)" if world > 1 else ""))
-        if world == 1:
-            return lines
     else:
         offload = [name for name, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param)) if on]
         lines.append(f"deepspeed: ZeRO-{ds.stage}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else ""))
@@ -365,17 +382,27 @@ def plan_lines(cfg: Config) -> list[str]:
     except (OSError, ValueError) as e:  # a hub id offline, a folder without config.json
         lines.append(f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})")
         return lines
-    gpu, cpu = memory_per_gpu(ds, total, largest, per_node, launcher.nnodes)
-    basis = (
-        f"DeepSpeed's estimate for ZeRO-{ds.stage}" if ds.stage else "16 bytes per parameter (weights, gradients, Adam)"
-    )
+    whole, what = whole_model_bytes(cfg)
+    gpu, cpu = memory_per_gpu(ds, total, largest, per_node, launcher.nnodes, whole)
+    basis = f"DeepSpeed's estimate for ZeRO-{ds.stage}" if ds.stage else f"{whole:g} bytes per parameter: {what}"
     if ds.stage == 1:
         basis += " (its ZeRO-2 formula: ZeRO-1 also keeps whole gradients)"
-    lines.append(
-        f"memory: {_count(total)} parameters; model states per GPU {_gib(gpu)}, CPU per node {_gib(cpu)} "
-        f"({basis}; activations come on top)"
-    )
+    on_cpu = f", CPU per node {_gib(cpu)}" if ds.stage else ""
+    states = f"model states per GPU {_gib(gpu)}{on_cpu}"
+    lines.append(f"memory: {_count(total)} parameters; {states} ({basis}; activations come on top)")
+    if (capacity := gpu_memory()) and gpu > capacity:
+        lines.append(
+            f"memory: more than this GPU's {_gib(capacity)}; model.dtype=bfloat16 (8 bytes per parameter), "
+            "peft=lora (2), or deepspeed=zero3 over several GPUs"
+        )
     return lines
+
+
+def gpu_memory() -> float | None:
+    """This machine's first GPU's memory in bytes, or None without one."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 # --- per-rank logs ---------------------------------------------------------------------

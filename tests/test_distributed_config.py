@@ -317,3 +317,36 @@ def test_plan_of_a_7b_recipe_under_zero3_shows_batches_and_deepspeeds_memory_est
     assert "batch 16 x 1 accumulation x 32 processes = 512 per step" in out  # sft
     assert "batch 8 x 2 accumulation x 32 processes = 512 per step" in out  # dpo
     assert not (tmp_path / "run" / "resolved.yaml").exists(), "a plan starts nothing"
+
+
+@pytest.mark.parametrize(
+    "overrides, bytes_each, what",
+    [
+        ([], 16, "fp32 weights, gradients, Adam"),  # fp32 master weights: what model.dtype=auto trains
+        (["model.dtype=bfloat16"], 8, "16-bit weights, gradients, Adam"),
+        (["peft=lora", "model.dtype=bfloat16"], 2, "bfloat16 frozen weights"),
+        (["peft=lora", "model.dtype=float32"], 4, "float32 frozen weights"),
+        (["peft=lora", "sft.peft=none"], 16, "fp32 weights, gradients, Adam"),  # the heaviest stage decides
+    ],
+)
+def test_plan_of_one_process_estimates_the_whole_models_memory(tmp_path, overrides, bytes_each, what):
+    """An 8B model on one GPU: what the weights, gradients and optimizer take per parameter, so a
+    full fine-tune that cannot fit is seen before anything loads."""
+    from transformers import LlamaConfig
+
+    from posttrain.distributed import plan_lines
+
+    model = tmp_path / "llama-8b"
+    LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8,
+    ).save_pretrained(model)  # fmt: skip
+    cfg = config(f"model.path={model}", *overrides, tmp_path=tmp_path)
+    total, _ = parameter_counts(cfg.model)
+    assert total == 8_030_261_248
+    memory = [line for line in plan_lines(cfg) if line.startswith("memory:")][0]
+    gib = bytes_each * total / 2**30
+    assert memory == (
+        f"memory: 8.03B parameters; model states per GPU {gib:.1f} GiB "
+        f"({bytes_each} bytes per parameter: {what}; activations come on top)"
+    )
