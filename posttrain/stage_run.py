@@ -86,8 +86,8 @@ def trains_loaded_weights(stage: StageConfig, cfg: Config) -> bool:
 
 def saved_dtype(stage: StageConfig, cfg: Config) -> torch.dtype | None:
     """The dtype fp32 master weights are evaluated and saved in: the one they computed in (bf16 on
-    a GPU with bf16 units), as a bf16 trainer would save them (half the disk; what the base model
-    shipped as); None: as trained. `model.dtype=float32` keeps fp32 throughout."""
+    a GPU with bf16 units), as a bf16 trainer would save them (half the disk; the dtype hub models
+    ship in); None: as trained. `model.dtype=float32` keeps fp32 throughout."""
     if not trains_loaded_weights(stage, cfg):
         return None
     compute = models.compute_dtype(cfg.model.dtype)
