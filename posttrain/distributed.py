@@ -320,9 +320,9 @@ def whole_model_bytes(cfg: Config) -> tuple[float, str]:
 
     trained = [s for s in cfg.stages.values() if STAGES[s.method].make_trainer is not None]
     methods = {stage_peft(s, cfg.peft) for s in trained} or {"none"}
-    half = cfg.model.dtype in ("bfloat16", "float16")
+    bf16 = cfg.model.dtype == "bfloat16"  # else fp32 weights (auto and float16 train fp32 master weights)
     if "none" in methods:  # full fine-tuning: weights, gradients and Adam's two moments
-        return (8.0, "16-bit weights, gradients, Adam") if half else (16.0, "fp32 weights, gradients, Adam")
+        return (8.0, "bf16 weights, gradients, Adam") if bf16 else (16.0, "fp32 weights, gradients, Adam")
     if "lora" in methods:  # frozen weights in the compute dtype (on this machine); the adapters are small
         dtype = compute_dtype(cfg.model.dtype)
         return float(dtype.itemsize), f"{str(dtype).removeprefix('torch.')} frozen weights"

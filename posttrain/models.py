@@ -134,10 +134,11 @@ def compute_dtype(name: str) -> torch.dtype:
 def weights_dtype(name: str, trained: bool) -> torch.dtype:
     """The dtype weights are loaded in. `auto`: weights a plain trainer updates stay fp32 (bf16
     autocast computes; an update of lr 5e-7 is below bf16's resolution and would vanish), frozen
-    ones (references, evaluation, LoRA bases, DeepSpeed's bf16 copy) take the compute dtype."""
+    ones (references, evaluation, LoRA bases, DeepSpeed's bf16 copy) take the compute dtype.
+    `float16` trains fp32 weights too: fp16 autocast's gradient scaler cannot unscale fp16 gradients."""
     import torch
 
-    return torch.float32 if name == "auto" and trained else compute_dtype(name)
+    return torch.float32 if name in ("auto", "float16") and trained else compute_dtype(name)
 
 
 def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:

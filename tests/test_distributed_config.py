@@ -323,7 +323,8 @@ def test_plan_of_a_7b_recipe_under_zero3_shows_batches_and_deepspeeds_memory_est
     "overrides, bytes_each, what",
     [
         ([], 16, "fp32 weights, gradients, Adam"),  # fp32 master weights: what model.dtype=auto trains
-        (["model.dtype=bfloat16"], 8, "16-bit weights, gradients, Adam"),
+        (["model.dtype=bfloat16"], 8, "bf16 weights, gradients, Adam"),
+        (["model.dtype=float16"], 16, "fp32 weights, gradients, Adam"),  # fp16 mixed precision
         (["peft=lora", "model.dtype=bfloat16"], 2, "bfloat16 frozen weights"),
         (["peft=lora", "model.dtype=float32"], 4, "float32 frozen weights"),
         (["peft=lora", "sft.peft=none"], 16, "fp32 weights, gradients, Adam"),  # the heaviest stage decides

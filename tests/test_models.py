@@ -72,6 +72,9 @@ def test_dtype_auto_on_a_bf16_gpu_keeps_trained_weights_fp32(monkeypatch):
     assert models.weights_dtype("auto", trained=False) == torch.bfloat16
     assert models.weights_dtype("bfloat16", trained=True) == torch.bfloat16
     assert models.weights_dtype("float32", trained=False) == torch.float32
+    # fp16 mixed precision: fp32 weights (the gradient scaler refuses fp16 gradients), saved fp16
+    assert models.weights_dtype("float16", trained=True) == torch.float32
+    assert models.weights_dtype("float16", trained=False) == torch.float16
 
 
 TEMPLATE_TURNS = {

@@ -48,7 +48,7 @@ def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkey
     from posttrain.stage_run import saved_dtype
     from tests.conftest import compose_tree
 
-    on_gpu = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    on_gpu = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     monkeypatch.setattr(models, "compute_dtype", on_gpu.__getitem__)
     monkeypatch.setenv("POSTTRAIN_CACHE", str(cache_dir))
     out = tmp_path / "run"
@@ -63,6 +63,8 @@ def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkey
     assert base.dtype == torch.float32  # the tiny base is fp32, the stage trained on fp32 weights
     changed = [k for k, v in base.state_dict().items() if k in saved and not torch.equal(v.bfloat16(), saved[k])]
     assert changed, "the saved model equals the base"
-    for kept in (["peft=lora"], ["model.dtype=float32"]):
+    for kept in (["peft=lora"], ["model.dtype=float32"], ["model.dtype=bfloat16"]):
         other = load_config(compose_tree([*overrides, *kept]))
         assert saved_dtype(other.stages["sft"], other) is None
+    fp16 = load_config(compose_tree([*overrides, "model.dtype=float16"]))
+    assert saved_dtype(fp16.stages["sft"], fp16) == torch.float16
