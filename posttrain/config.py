@@ -686,9 +686,10 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
 
     `on_launch_node`: also check what only the node that launches can see (the hostfile, its GPUs);
     workers reading the frozen config on other nodes skip that."""
-    from posttrain.stages import STAGES
+    from posttrain.stages import STAGES, load_plugins
     from posttrain.stages.base import check_trainer_args
 
+    load_plugins()
     tree = dict(tree)
     tree.pop("hydra", None)
     sections = {

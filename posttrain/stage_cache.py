@@ -92,15 +92,21 @@ def base_key(model: ModelConfig) -> str:
 
 
 def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
-    """The part of the config that decides a stage's weights (recorded in its manifest)."""
+    """The part of the config that decides a stage's weights (recorded in its manifest); for a
+    method another package registers, that package's name and version."""
+    from posttrain.stages import PLUGINS
+
     own = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_IN_KEY}
-    return {
+    content = {
         "stage": own,
         "model": dataclasses.asdict(cfg.model),
         "peft": dataclasses.asdict(cfg.peft),
         "seed": cfg.run.seed,
         "world_size": planned_world_size(cfg.launcher),
     }
+    if stage.method in PLUGINS:
+        content["plugin"] = PLUGINS[stage.method]
+    return content
 
 
 def stage_keys(cfg: Config) -> dict[str, str]:

@@ -1,11 +1,23 @@
-"""Stage registry: a method name -> its StageSpec. Adding a method is one file and one line here."""
+"""Stage registry: a method name -> its StageSpec. Adding a method is one file and one line here,
+or, from another package, an entry point in the `posttrain.stages` group that names its StageSpec:
+
+    # the package's pyproject.toml
+    [project.entry-points."posttrain.stages"]
+    my_method = "my_package.stage:STAGE"
+
+The registering package's name and version are part of its stages' keys, so upgrading it
+retrains them instead of reusing artifacts the old code made.
+"""
 
 from __future__ import annotations
 
+from posttrain.config import ConfigError, StageConfig
 from posttrain.stages import cpo, dpo, grpo, kto, orpo, pairs, rm, sft, simpo
 from posttrain.stages.base import StageSpec
 
-STAGES: dict[str, StageSpec] = {
+ENTRY_POINT_GROUP = "posttrain.stages"
+
+BUILTIN: dict[str, StageSpec] = {
     "sft": sft.STAGE,
     "dpo": dpo.STAGE,
     "orpo": orpo.STAGE,
@@ -16,3 +28,35 @@ STAGES: dict[str, StageSpec] = {
     "pairs": pairs.STAGE,
     "grpo": grpo.STAGE,
 }
+
+
+# every method: the built-in ones, then (after load_plugins) those of installed packages
+STAGES: dict[str, StageSpec] = dict(BUILTIN)
+# method -> "<distribution> <version>" of the package that registered it
+PLUGINS: dict[str, str] = {}
+
+
+def load_plugins() -> None:
+    """Add the methods other installed packages register to STAGES, once. Called when a config
+    is loaded, not on import, so a plugin's own module may import posttrain.stages."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        origin = f"{entry.dist.name} {entry.dist.version}" if entry.dist else entry.value
+        where = f"{ENTRY_POINT_GROUP} entry point {entry.name} = {entry.value!r} ({origin})"
+        if entry.name in BUILTIN or entry.name == "none":
+            raise ConfigError(f"{where}: {entry.name!r} is a built-in method name; register it under another")
+        if PLUGINS.get(entry.name, origin) != origin:
+            raise ConfigError(f"{where}: method {entry.name!r} is also registered by {PLUGINS[entry.name]}")
+        if entry.name in PLUGINS:
+            continue
+        try:
+            spec = entry.load()
+        except Exception as e:  # a plugin's import error, reported as one line that names it
+            raise ConfigError(f"{where} cannot be loaded: {type(e).__name__}: {e}") from None
+        if not isinstance(spec, StageSpec) or not issubclass(spec.config_cls, StageConfig):
+            raise ConfigError(
+                f"{where} gives {type(spec).__name__}, not a StageSpec (posttrain.stages.base) "
+                "whose config_cls subclasses posttrain.config.StageConfig"
+            )
+        STAGES[entry.name], PLUGINS[entry.name] = spec, origin
