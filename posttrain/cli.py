@@ -34,6 +34,29 @@ def _shorthands(argv: list[str]) -> list[str]:
     return [f"run.{a}" if a.startswith("plan=") else a for a in argv]
 
 
+def unknown_option(args: list[str]) -> str | None:
+    """A `group=option` override naming no option of that config group (posttrain's `conf/`
+    and plugins' search paths), as one line with the allowed ones; Hydra's own spans a dozen."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.object_type import ObjectType
+
+    repo = None
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+").split("@")[0]
+        if not sep or key.startswith(("~", "-")) or "." in group or "(" in value or not group:
+            continue
+        repo = repo or ConfigRepository(create_config_search_path(config_dir()))
+        if not repo.group_exists(group):
+            continue
+        allowed = repo.get_group_options(group, results_filter=ObjectType.CONFIG)
+        for option in value.split(","):
+            if option not in allowed and option != "null":
+                return f"{group}={option}: no such option of {group}; allowed: {', '.join(allowed)}"
+    return None
+
+
 def _in_sweep() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -288,6 +311,8 @@ def main() -> None:
 
         sys.exit(show(sys.argv[2:]))
     args = _shorthands(sys.argv[1:])
+    if mistake := unknown_option(args):
+        sys.exit(f"error: {mistake}")
     if "--help" in args or "-h" in args:
         print(help_text([a for a in args if a not in ("--help", "-h")]))
         return

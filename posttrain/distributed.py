@@ -292,9 +292,10 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 # --- memory -----------------------------------------------------------------------------
 
 
-def parameter_counts(model: ModelConfig) -> tuple[int, int]:
+def parameter_counts(model: ModelConfig, local_only: bool = False) -> tuple[int, int]:
     """(total parameters, largest layer's own parameters) from the model's config alone: the
-    model is built on the meta device, no weights are read."""
+    model is built on the meta device, no weights are read. `local_only`: a hub id's config
+    from the local cache only (no network)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -303,7 +304,7 @@ def parameter_counts(model: ModelConfig) -> tuple[int, int]:
     if model.path == TINY:
         config = tiny_config(model, model.tiny.vocab_size)
     else:
-        config = AutoConfig.from_pretrained(model.path, revision=model.revision)
+        config = AutoConfig.from_pretrained(model.path, revision=model.revision, local_files_only=local_only)
     with torch.device("meta"):
         built = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in built.parameters())
@@ -377,10 +378,13 @@ def plan_lines(cfg: Config) -> list[str]:
     else:
         offload = [name for name, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param)) if on]
         lines.append(f"deepspeed: ZeRO-{ds.stage}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else ""))
+    # one plain process: an estimate only from a config already on this machine (no hub request)
+    alone = world == 1 and ds.stage is None
     try:
-        total, largest = parameter_counts(cfg.model)
+        total, largest = parameter_counts(cfg.model, local_only=alone)
     except (OSError, ValueError) as e:  # a hub id offline, a folder without config.json
-        lines.append(f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})")
+        if not alone:
+            lines.append(f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})")
         return lines
     whole, what = whole_model_bytes(cfg)
     gpu, cpu = memory_per_gpu(ds, total, largest, per_node, launcher.nnodes, whole)

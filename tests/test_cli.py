@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def posttrain(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, timeout=120)
@@ -51,6 +53,27 @@ def test_bad_value_is_one_line_on_stderr():
     assert proc.returncode != 0
     allowed = "none, sft, dpo, orpo, kto, cpo, simpo, rm, pairs, grpo"
     assert proc.stderr.strip() == f"error: align.method: unknown method 'ppo'; allowed: {allowed}"
+
+
+ALIGN_OPTIONS = "cpo, dpo, grpo, ipo, kto, none, orpo, rm, simpo"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("align=orpoo", "align=orpoo: no such option of align; allowed: " + ALIGN_OPTIONS),
+        ("sft=default,nope", "sft=nope: no such option of sft; allowed: default, none"),  # a sweep's values
+        ("+pairs@pairs=on", "pairs=on: no such option of pairs; allowed: onpolicy"),
+        (
+            "hydra/sweeper=optuan",
+            "hydra/sweeper=optuan: no such option of hydra/sweeper; allowed: basic, optuna, posttrain_optuna",
+        ),
+    ],
+)
+def test_unknown_option_of_a_config_group_is_one_line_with_the_allowed_ones(override, message):
+    proc = posttrain("plan=true", override)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {message}"
 
 
 def test_help_does_not_import_torch():
