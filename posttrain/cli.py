@@ -34,11 +34,17 @@ def _shorthands(argv: list[str]) -> list[str]:
     return [f"run.{a}" if a.startswith("plan=") else a for a in argv]
 
 
+def config_repository():
+    """Hydra's view of every config group: posttrain's `conf/` and installed search-path plugins."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+
+    return ConfigRepository(create_config_search_path(config_dir()))
+
+
 def unknown_option(args: list[str]) -> str | None:
     """A `group=option` override naming no option of that config group (posttrain's `conf/`
     and plugins' search paths), as one line with the allowed ones; Hydra's own spans a dozen."""
-    from hydra._internal.config_repository import ConfigRepository
-    from hydra._internal.utils import create_config_search_path
     from hydra.core.object_type import ObjectType
 
     repo = None
@@ -47,7 +53,7 @@ def unknown_option(args: list[str]) -> str | None:
         group = key.lstrip("+").split("@")[0]
         if not sep or key.startswith(("~", "-")) or "." in group or "(" in value or not group:
             continue
-        repo = repo or ConfigRepository(create_config_search_path(config_dir()))
+        repo = repo or config_repository()
         if not repo.group_exists(group):
             continue
         allowed = repo.get_group_options(group, results_filter=ObjectType.CONFIG)
@@ -284,11 +290,13 @@ def help_text(overrides: list[str]) -> str:
     Hydra's own lists every group by composing it once more (~1 s of a 2 s `--help`)."""
     import yaml
     from hydra import compose, initialize_config_dir
+    from hydra.core.object_type import ObjectType
 
     conf = Path(config_dir())
     texts = yaml.safe_load((conf / "config.yaml").read_text())["hydra"]["help"]
-    groups = sorted(d for d in conf.iterdir() if d.is_dir() and d.name != "hydra")
-    options = [f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups]
+    groups = sorted(d.name for d in conf.iterdir() if d.is_dir() and d.name != "hydra")
+    repo = config_repository()  # options of installed packages' search paths too
+    options = [f"{g}: {', '.join(repo.get_group_options(g, results_filter=ObjectType.CONFIG))}" for g in groups]
     with initialize_config_dir(config_dir=str(conf), version_base="1.3", job_name="posttrain"):
         config = OmegaConf.to_yaml(compose("config", overrides=overrides))
     return "\n".join(

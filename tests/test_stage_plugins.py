@@ -110,6 +110,7 @@ def test_a_method_from_another_package_trains_as_a_stage(tmp_path, cache_dir):
         "sft=frozen_embeddings", "align=none", f"run.output_dir={out}", "sft.max_steps=4",
         "sft.per_device_train_batch_size=8", "sft.learning_rate=3e-3", "sft.eval.num_prompts=4",
     )  # fmt: skip
+    assert "sft: default, frozen_embeddings, none" in posttrain_with(site, "--help", cache_dir=cache_dir).stdout
     proc = posttrain_with(site, *args, cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sft: sft_frozen_embeddings from base" in proc.stdout
