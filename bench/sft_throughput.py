@@ -229,7 +229,7 @@ def main() -> None:
     stage = cfg.stages["sft"]
     settings = (
         f"dtype={cfg.model.dtype}, group_by_length={stage.group_by_length}, "
-        f"activation_checkpointing={stage.activation_checkpointing}"
+        f"activation_checkpointing={stage.activation_checkpointing} ({trainer.args.activation_checkpointing})"
     )
     print(
         f"posttrain: {settings}; TRL default: {trl_precision}, gradient_checkpointing={trl.args.gradient_checkpointing}"

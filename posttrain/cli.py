@@ -88,6 +88,7 @@ def describe_data(data) -> str:
 
 def plan_text(cfg, keys: dict[str, str]) -> str:
     """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
+    from posttrain import memory
     from posttrain.config import stage_peft
     from posttrain.distributed import global_batch, plan_lines, planned_world_size
     from posttrain.stage_cache import StageIndex, place_stage
@@ -122,6 +123,9 @@ def plan_text(cfg, keys: dict[str, str]) -> str:
                 f"batch {micro} x {accum} accumulation x {world} processes = {global_batch(stage, world)} per step, "
                 f"{length}"
             )
+            if stage.activation_checkpointing == "auto" and memory.gpu_memory() is not None:
+                on, why = memory.activation_checkpointing(stage, cfg, local_only=world == 1)
+                lines.append(f"    activation checkpointing: {'on' if on else 'off'} ({why})")
         placement = place_stage(name, keys[name], cfg, index)
         where = {
             "reuse": f"reuse complete {placement.folder}",

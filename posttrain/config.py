@@ -261,7 +261,9 @@ class StageConfig:
     max_length: int | None = 1024
     logging_steps: int = 10
     group_by_length: bool = False
-    activation_checkpointing: bool = False
+    # recompute activations in the backward pass: true, false, or auto (on when a GPU's memory
+    # cannot hold the model states and activations, estimated from the model's config)
+    activation_checkpointing: bool | str = "auto"
     # save a resumable checkpoint every N optimizer steps (0: only when preempted)
     checkpoint_steps: int = 500
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -282,6 +284,11 @@ class StageConfig:
         require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (steps, or a ratio below 1)")
         require(self.max_length is None or self.max_length > 0, f"{key}.max_length", "must be > 0 or null")
         require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"{self.checkpoint_steps} must be >= 0")
+        require(
+            self.activation_checkpointing in (True, False, "auto"),
+            f"{key}.activation_checkpointing",
+            f"{self.activation_checkpointing!r} is not one of true, false, auto",
+        )
         methods = ", ".join(PEFT_METHODS)
         require(self.peft in (None, *PEFT_METHODS), f"{key}.peft", f"{self.peft!r} is not one of null, {methods}")
         if self.gate.min_exact_match is not None:

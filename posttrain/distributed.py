@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.config import ConfigError, DeepSpeedConfig, LauncherConfig, ModelConfig, StageConfig, require
+from posttrain.config import ConfigError, DeepSpeedConfig, LauncherConfig, StageConfig, require
+from posttrain.memory import plan_memory_lines
 
 if TYPE_CHECKING:
     from posttrain.config import Config
@@ -289,81 +290,7 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --- memory -----------------------------------------------------------------------------
-
-
-def parameter_counts(model: ModelConfig, local_only: bool = False) -> tuple[int, int]:
-    """(total parameters, largest layer's own parameters) from the model's config alone: the
-    model is built on the meta device, no weights are read. `local_only`: a hub id's config
-    from the local cache only (no network)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from posttrain.models import TINY, tiny_config
-
-    if model.path == TINY:
-        config = tiny_config(model, model.tiny.vocab_size)
-    else:
-        config = AutoConfig.from_pretrained(model.path, revision=model.revision, local_files_only=local_only)
-    with torch.device("meta"):
-        built = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in built.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in built.modules())
-    return total, largest
-
-
-def whole_model_bytes(cfg: Config) -> tuple[float, str]:
-    """Model-state bytes per parameter of a process that holds the whole model (no ZeRO), for the
-    chain's heaviest trained stage, and what they are."""
-    from posttrain.config import stage_peft
-    from posttrain.models import compute_dtype
-    from posttrain.stages import STAGES
-
-    trained = [s for s in cfg.stages.values() if STAGES[s.method].make_trainer is not None]
-    methods = {stage_peft(s, cfg.peft) for s in trained} or {"none"}
-    bf16 = cfg.model.dtype == "bfloat16"  # else fp32 weights (auto and float16 train fp32 master weights)
-    if "none" in methods:  # full fine-tuning: weights, gradients and Adam's two moments
-        return (8.0, "bf16 weights, gradients, Adam") if bf16 else (16.0, "fp32 weights, gradients, Adam")
-    if "lora" in methods:  # frozen weights in the compute dtype (on this machine); the adapters are small
-        dtype = compute_dtype(cfg.model.dtype)
-        return float(dtype.itemsize), f"{str(dtype).removeprefix('torch.')} frozen weights"
-    return 0.6, "NF4 frozen weights"
-
-
-def memory_per_gpu(
-    ds: DeepSpeedConfig, total: int, largest: int, gpus: int, nodes: int, whole: float = 16.0
-) -> tuple[float, float]:
-    """DeepSpeed's own estimate of model-state memory (params, gradients, optimizer), in bytes:
-    (per GPU, CPU per node); without ZeRO, `whole` bytes per parameter. Activations come on top."""
-    if ds.stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            total,
-            largest,
-            num_gpus_per_node=gpus,
-            num_nodes=nodes,
-            cpu_offload=ds.offload_optimizer,
-            cpu_offload_params=ds.offload_param,
-            zero_init=True,
-        )
-        return gpu, cpu
-    if ds.stage in (1, 2):
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        cpu, gpu = estimate_zero2_model_states_mem_needs(
-            total, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=ds.offload_optimizer
-        )
-        return gpu, cpu
-    return whole * total, 0.0  # no ZeRO: every process holds the whole model
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+# --- the plan ------------------------------------------------------------------------
 
 
 def plan_lines(cfg: Config) -> list[str]:
@@ -378,35 +305,7 @@ def plan_lines(cfg: Config) -> list[str]:
     else:
         offload = [name for name, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param)) if on]
         lines.append(f"deepspeed: ZeRO-{ds.stage}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else ""))
-    # one plain process: an estimate only from a config already on this machine (no hub request)
-    alone = world == 1 and ds.stage is None
-    try:
-        total, largest = parameter_counts(cfg.model, local_only=alone)
-    except (OSError, ValueError) as e:  # a hub id offline, a folder without config.json
-        if not alone:
-            lines.append(f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})")
-        return lines
-    whole, what = whole_model_bytes(cfg)
-    gpu, cpu = memory_per_gpu(ds, total, largest, per_node, launcher.nnodes, whole)
-    basis = f"DeepSpeed's estimate for ZeRO-{ds.stage}" if ds.stage else f"{whole:g} bytes per parameter: {what}"
-    if ds.stage == 1:
-        basis += " (its ZeRO-2 formula: ZeRO-1 also keeps whole gradients)"
-    on_cpu = f", CPU per node {_gib(cpu)}" if ds.stage else ""
-    states = f"model states per GPU {_gib(gpu)}{on_cpu}"
-    lines.append(f"memory: {_count(total)} parameters; {states} ({basis}; activations come on top)")
-    if (capacity := gpu_memory()) and gpu > capacity:
-        lines.append(
-            f"memory: more than this GPU's {_gib(capacity)}; model.dtype=bfloat16 (8 bytes per parameter), "
-            "peft=lora (2), or deepspeed=zero3 over several GPUs"
-        )
-    return lines
-
-
-def gpu_memory() -> float | None:
-    """This machine's first GPU's memory in bytes, or None without one."""
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return lines + plan_memory_lines(cfg, world, per_node)
 
 
 # --- per-rank logs ---------------------------------------------------------------------

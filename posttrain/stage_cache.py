@@ -29,9 +29,16 @@ from posttrain.distributed import planned_world_size
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
-# Stage fields that do not change the trained weights.
-# global_batch_size is in the key through the gradient_accumulation_steps derived from it
-NOT_IN_KEY = ("logging_steps", "eval", "per_device_eval_batch_size", "checkpoint_steps", "global_batch_size")
+# Stage fields that do not change the trained weights (activation checkpointing recomputes the
+# same activations); global_batch_size is in the key through the accumulation derived from it
+NOT_IN_KEY = (
+    "logging_steps",
+    "eval",
+    "per_device_eval_batch_size",
+    "checkpoint_steps",
+    "global_batch_size",
+    "activation_checkpointing",
+)
 
 
 def hash_json(content: Any) -> str:

@@ -128,7 +128,8 @@ def train_stage(
     (None on ranks other than 0 under ZeRO-3) and the trainer's metrics, or (None, {"stopped": True})
     when a preemption signal stopped it at a checkpoint."""
     spec = STAGES[run.stage.method]
-    args = training_args(run.stage, cfg, run.folder) | tokenization_processes(spec, run.stage, len(run.data.train))
+    args = training_args(run.stage, cfg, run.folder, run.parent.source)
+    args |= tokenization_processes(spec, run.stage, len(run.data.train))
     zero3 = deepspeed_settings(run, cfg, args)
     policy = build_policy(run, cfg, tokenizer)
     trainer = spec.make_trainer(

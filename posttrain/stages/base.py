@@ -123,10 +123,12 @@ class StageSpec:
 # --- shared training arguments ---------------------------------------------------------
 
 
-def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[str, Any]:
-    """transformers/TRL training arguments from a stage config, with precision set from the device."""
+def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path, source: str | None = None) -> dict[str, Any]:
+    """transformers/TRL training arguments from a stage config, with precision and activation
+    checkpointing set from the device (for the model at `source`, default the base model)."""
     import torch
 
+    from posttrain.memory import activation_checkpointing
     from posttrain.models import compute_dtype
 
     dtype = compute_dtype(run_cfg.model.dtype)
@@ -149,7 +151,7 @@ def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path) -> dict[st
         # TRL defaults to bf16 and activation checkpointing: wrong for CPU and for small models.
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=cfg.activation_checkpointing,
+        activation_checkpointing=activation_checkpointing(cfg, run_cfg, source)[0],
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         # resumable checkpoints (model, optimizer, scheduler, RNG, data position); the newest only

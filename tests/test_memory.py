@@ -1,0 +1,126 @@
+"""Memory estimates: the activation formula against what a real forward pass keeps, and
+`activation_checkpointing: auto` deciding as it would on an 80 GiB GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from posttrain import memory
+from posttrain.config import load_config
+from tests.conftest import compose_tree
+
+GIB = 2**30
+
+
+SHAPES = [(256, 688, 4, 2, 128), (512, 1376, 2, 2, 256), (128, 352, 4, 1, 256)]
+
+
+@pytest.mark.parametrize("hidden, intermediate, layers, batch, length", SHAPES)
+def test_layer_activations_match_what_a_bf16_forward_saves(hidden, intermediate, layers, batch, length):
+    """Every tensor autograd keeps (weights aside) through a bf16 Llama's decoder layers: the
+    estimate is within 15% of them."""
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=1000, max_position_embeddings=1024,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, config.vocab_size, (batch, length))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model.model(input_ids=ids)  # the decoder layers (and final norm), no LM head
+    estimate = batch * length * layers * memory.layer_activation_bytes(config)
+    assert estimate == pytest.approx(sum(saved.values()), rel=0.15)
+
+
+@pytest.fixture
+def gpu_80gib(monkeypatch):
+    """This machine as one with an 80 GiB GPU, for the decision alone (nothing runs on it)."""
+    monkeypatch.setattr(memory, "gpu_memory", lambda: 80.0 * GIB)
+
+
+def config_folder(tmp_path, name, config):
+    config.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+LLAMA_8B = LlamaConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8,
+)  # fmt: skip
+QWEN_05B = Qwen2Config(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model, overrides, on",
+    [
+        # 0.5B full fine-tune, 8 x 2048 tokens: ~8 GiB of states and ~46 GiB of activations fit
+        (QWEN_05B, ["sft.per_device_train_batch_size=8", "sft.max_length=2048"], False),
+        # twice the batch does not
+        (QWEN_05B, ["sft.per_device_train_batch_size=16", "sft.max_length=2048"], True),
+        # 8B bf16 LoRA, one 2048-token row: 15 GiB of frozen weights and ~16 GiB of activations
+        (LLAMA_8B, ["peft=lora", "model.dtype=bfloat16", "sft.per_device_train_batch_size=1"], False),
+        # the same at 8 rows
+        (LLAMA_8B, ["peft=lora", "model.dtype=bfloat16", "sft.per_device_train_batch_size=8"], True),
+    ],
+)
+def test_auto_checkpointing_turns_on_where_a_gpu_could_not_hold_the_activations(
+    tmp_path, gpu_80gib, model, overrides, on
+):
+    source = config_folder(tmp_path, "model", model)
+    cfg = load_config(compose_tree([f"model.path={source}", "sft.max_length=2048", *overrides]))
+    decided, why = memory.activation_checkpointing(cfg.stages["sft"], cfg, source)
+    assert decided is on, why
+    assert why.endswith("85% of 80.0 GiB")
+
+
+def test_auto_checkpointing_counts_both_replies_of_a_pair(tmp_path, gpu_80gib):
+    """DPO's forward runs chosen and rejected together: the batch that fits SFT does not fit DPO."""
+    source = config_folder(tmp_path, "model", QWEN_05B)
+    both = ["sft.per_device_train_batch_size=8", "align.per_device_train_batch_size=8", "align.max_length=2048"]
+    cfg = load_config(compose_tree([f"model.path={source}", "sft.max_length=2048", *both]))
+    assert memory.activation_checkpointing(cfg.stages["sft"], cfg, source)[0] is False
+    assert memory.activation_checkpointing(cfg.stages["align"], cfg, source)[0] is True
+
+
+def test_auto_checkpointing_is_off_on_a_cpu_and_a_setting_wins(tmp_path):
+    cfg = load_config(compose_tree([]))
+    if memory.gpu_memory() is None:
+        assert memory.activation_checkpointing(cfg.stages["sft"], cfg) == (False, "no GPU")
+    forced = load_config(compose_tree(["sft.activation_checkpointing=true"]))
+    assert memory.activation_checkpointing(forced.stages["sft"], forced) == (True, "set in the config")
+
+
+def test_checkpointing_setting_is_checked_and_not_part_of_the_stage_key():
+    from posttrain.config import ConfigError
+    from posttrain.stage_cache import stage_keys
+
+    with pytest.raises(ConfigError, match=r"sft.activation_checkpointing: 'sometimes' is not one of true, false, auto"):
+        load_config(compose_tree(["sft.activation_checkpointing=sometimes"]))
+    keys = [stage_keys(load_config(compose_tree([f"sft.activation_checkpointing={v}"]))) for v in (True, False, "auto")]
+    assert keys[0] == keys[1] == keys[2]  # the same weights either way: a stage is reused
+
+
+def test_plan_shows_the_auto_decision_on_a_gpu_machine(tmp_path, gpu_80gib):
+    from posttrain.cli import plan_text
+    from posttrain.stage_cache import stage_keys
+
+    source = config_folder(tmp_path, "model", QWEN_05B)
+    overrides = ["sft.per_device_train_batch_size=16", "sft.max_length=2048", "align.per_device_train_batch_size=4"]
+    cfg = load_config(compose_tree([f"model.path={source}", f"run.output_dir={tmp_path / 'run'}", *overrides]))
+    lines = plan_text(cfg, stage_keys(cfg)).splitlines()
+    checkpointing = [line.strip() for line in lines if "activation checkpointing" in line]
+    assert checkpointing[0].startswith("activation checkpointing: on (model states and activations ~99.3 GiB >")
+    assert checkpointing[1].startswith("activation checkpointing: off")
