@@ -51,7 +51,7 @@ def unknown_option(args: list[str]) -> str | None:
     for arg in args:
         key, sep, value = arg.partition("=")
         group = key.lstrip("+").split("@")[0]
-        if not sep or key.startswith(("~", "-")) or "." in group or "(" in value or not group:
+        if not sep or key.startswith(("~", "-")) or "." in group or any(c in value for c in "($") or not group:
             continue
         repo = repo or config_repository()
         if not repo.group_exists(group):
