@@ -35,7 +35,8 @@ def test_large_datasets_are_tokenized_on_every_core_of_this_rank(monkeypatch):
 
 def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkeypatch, tmp_path, cache_dir):
     """As on a GPU with bf16 units (bf16 autocast, here on the CPU): a full fine-tune trains fp32
-    weights and hands on a plain bf16 model, as a bf16 trainer would; LoRA and DeepSpeed save as trained."""
+    weights and hands on a plain bf16 model, as a bf16 trainer would; LoRA, float32 and bfloat16
+    save as trained, float16 as fp16."""
     import json
 
     import torch
@@ -60,7 +61,7 @@ def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkey
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
     assert json.loads((out / "sft" / "config.json").read_text())["dtype"] == "bfloat16"
     base = AutoModelForCausalLM.from_pretrained(models.base_model_source(cfg.model, cfg.run.cache_path))
-    assert base.dtype == torch.float32  # the tiny base is fp32, the stage trained on fp32 weights
+    assert base.dtype == torch.float32  # the tiny base is fp32: the bf16 comes from the stage
     changed = [k for k, v in base.state_dict().items() if k in saved and not torch.equal(v.bfloat16(), saved[k])]
     assert changed, "the saved model equals the base"
     for kept in (["peft=lora"], ["model.dtype=float32"], ["model.dtype=bfloat16"]):
