@@ -11,7 +11,7 @@ import random
 import time
 from pathlib import Path
 
-from posttrain.summary import markdown_table
+from posttrain.report.table import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 WORDS = "the a of to and in is it you that he was for on are with as his they be at one have this".split()

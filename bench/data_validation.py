@@ -24,7 +24,7 @@ from posttrain import models
 from posttrain.config import DataSource, ModelConfig, SourceConfig
 from posttrain.data import curate, mixture
 from posttrain.data.load import check_rows, load_split
-from posttrain.summary import markdown_table
+from posttrain.report.table import markdown_table
 
 RESULTS = Path(__file__).parent / "results" / "data_validation.jsonl"
 WORDS = "the a of to and in is it you that he was for on are with as his they be at one have this".split()

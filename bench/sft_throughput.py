@@ -80,7 +80,7 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
 
     from posttrain import models
     from posttrain.cli import compose_tree
-    from posttrain.config import load_config
+    from posttrain.plan import load_config
     from posttrain.stages import STAGES
     from posttrain.stages.base import TrainerInputs, training_args
 
@@ -97,7 +97,10 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
     cfg = load_config(compose_tree(overrides))
     stage = cfg.stages["sft"]
     tokenizer = models.load_tokenizer(str(model_dir), cfg.model)
-    train_args = training_args(stage, cfg, out) | {"include_num_input_tokens_seen": "non_padding", "disable_tqdm": True}
+    train_args = training_args(STAGES[stage.method], stage, cfg, out) | {
+        "include_num_input_tokens_seen": "non_padding",
+        "disable_tqdm": True,
+    }
     model = models.load_model(str(model_dir), cfg.model, trained=True)
     inputs = TrainerInputs(
         cfg=stage, model=model, ref_model=None, tokenizer=tokenizer,

@@ -9,6 +9,7 @@ file, so a truncated artifact is never taken for a complete one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -21,17 +22,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from posttrain import distributed
+from posttrain.config import config_dir
+from posttrain.errors import PosttrainError
 from posttrain.secrets import redact
 
 MANIFEST = "manifest.json"
 LIBRARIES = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(PosttrainError):
     """An artifact could not be written (full disk, unwritable folder)."""
 
 
-class GateError(RuntimeError):
+class GateError(PosttrainError):
     """A stage missed a bound of its `gate`: the chain stops after it (its artifact is complete)."""
 
 
@@ -44,6 +48,11 @@ class Artifact:
     key: str = ""
     # the stage's own folder (a data stage's differs from `source`, its parent's model)
     folder: str = ""
+
+
+def hash_json(content: Any) -> str:
+    """A short, stable hash of JSON-able content (keys sorted): stage keys, cache file names."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -116,8 +125,6 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 def provenance() -> dict[str, Any]:
     """Where and with what an artifact was made: host, world size, library versions, recipe commit."""
-    from posttrain import distributed
-
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -131,8 +138,6 @@ def provenance() -> dict[str, Any]:
 @cache
 def recipe_commit() -> dict[str, Any] | None:
     """The git commit (and whether it has uncommitted changes) of the folder the recipes come from."""
-    from posttrain.cli import config_dir
-
     folder = config_dir()
     try:
         head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

@@ -17,16 +17,18 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from posttrain.config import Config, ConfigError, load_config
-from posttrain.data.load import DataError
+from posttrain.artifacts import GateError, read_json, read_manifest
+from posttrain.config import Config, config_dir
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.launch import run_workers, stop_file
+from posttrain.locks import FileLock
+from posttrain.pipeline import check_writable, run_pipeline
+from posttrain.plan import load_config, plan_text
+from posttrain.preemption import EXIT_PREEMPTED, Preempted
+from posttrain.report import show
+from posttrain.report.sweep import objective_value, write_report
 from posttrain.secrets import redact, scrub_file
-
-
-def config_dir() -> str:
-    """conf/ as package data (wheel install), else the source checkout's conf/ (editable)."""
-    packaged = Path(__file__).parent / "conf"
-    source = Path(__file__).resolve().parents[1] / "conf"
-    return str(packaged if packaged.is_dir() else source)
+from posttrain.stage_cache import check_run_folder, stage_keys
 
 
 def _shorthands(argv: list[str]) -> list[str]:
@@ -77,66 +79,6 @@ def _job_output_dir(output_dir: str) -> str:
     return HydraConfig.get().runtime.output_dir if _in_sweep() else output_dir
 
 
-def describe_data(data) -> str:
-    """`path [split]` of each source, with its weight or row count in a mixture."""
-    parts = []
-    for src in data.source_list():
-        share = f" x{src.weight:g}" if src.weight is not None else f" {src.rows} rows" if src.rows else ""
-        parts.append(f"{src.path} [{src.split}]{share}")
-    return " + ".join(parts)
-
-
-def plan_text(cfg, keys: dict[str, str]) -> str:
-    """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
-    from posttrain import memory
-    from posttrain.config import stage_peft
-    from posttrain.distributed import global_batch, plan_lines, planned_world_size
-    from posttrain.stage_cache import StageIndex, place_stage
-    from posttrain.stages import STAGES
-
-    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", *plan_lines(cfg), "stages:"]
-    world = planned_world_size(cfg.launcher)
-    index = StageIndex(cfg.run.cache_path)
-    previous = "base"
-    # the stage whose model each stage hands on (a data stage hands on its parent's)
-    model_of = {"base": "base"}
-    for name, stage in cfg.stages.items():
-        spec = STAGES[stage.method]
-        parent = model_of[previous if stage.init_from == "previous" else stage.init_from]
-        model_of[name] = parent if spec.model_kind == "none" else name
-        micro, accum = stage.per_device_train_batch_size, stage.gradient_accumulation_steps
-        length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
-        reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
-        peft = stage_peft(stage, cfg.peft)
-        adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
-        reward = f", reward {stage.reward}" if spec.uses_reward else ""
-        if spec.make_data is not None:
-            lines.append(
-                f"  {name}: {stage.method} sampled from {parent}, {stage.num_samples} replies per prompt "
-                f"(temperature {stage.temperature:g}, up to {stage.max_new_tokens} tokens){reward}, "
-                f"prompts {describe_data(stage.data)}"
-            )
-        else:
-            lines.append(
-                f"  {name}: {stage.method} from {parent}{reference}{adapters}{reward}, "
-                f"data {describe_data(stage.data)}, lr {stage.learning_rate:g}, "
-                f"batch {micro} x {accum} accumulation x {world} processes = {global_batch(stage, world)} per step, "
-                f"{length}"
-            )
-            if stage.activation_checkpointing == "auto" and memory.gpu_memory() is not None:
-                on, why = memory.activation_checkpointing(stage, cfg, local_only=world == 1)
-                lines.append(f"    activation checkpointing: {'on' if on else 'off'} ({why})")
-        placement = place_stage(name, keys[name], cfg, index)
-        where = {
-            "reuse": f"reuse complete {placement.folder}",
-            "resume": f"resume {placement.checkpoint}",
-            "train": "train",
-        }[placement.action]
-        lines.append(f"    key {keys[name]}: {where}")
-        previous = name
-    return "\n".join(lines)
-
-
 class CheckRunFolder(Callback):
     """Registered in conf/config.yaml: before Hydra creates the run folder, a folder that cannot
     be created (under a file, on a read-only disk) is one error line instead of a traceback."""
@@ -152,8 +94,6 @@ class SweepReport(Callback):
     """Registered in conf/config.yaml: after the last job of a sweep, write and print its table."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from posttrain.sweep_report import write_report
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if sweep_dir.is_dir() and not config.run.plan:
             print(write_report(sweep_dir, str(config.sweep.objective), str(config.sweep.direction)), flush=True)
@@ -202,26 +142,19 @@ def run(tree: DictConfig) -> dict | None:
     Exits with one line for a mistake, and with EXIT_PREEMPTED (75) after SIGTERM/SIGUSR1
     saved a checkpoint: the same command resumes.
     """
-    from posttrain.artifacts import ArtifactError, GateError
-    from posttrain.locks import FileLock, LockedError
-    from posttrain.preemption import EXIT_PREEMPTED, Preempted
-
     try:
         cfg, container = load(tree)
-        from posttrain.stage_cache import check_run_folder, stage_keys
-
         keys = stage_keys(cfg)
         check_run_folder(cfg, keys)
         print(plan_text(cfg, keys), flush=True)
         if cfg.run.plan:
             return None
-        from posttrain.launch import stop_file
-        from posttrain.pipeline import check_writable, run_pipeline
-
         out = cfg.run.output_path
         check_writable(out)
         _scrub_hydra_files()
-        with FileLock(out / ".posttrain.lock", "run folder"):
+        with FileLock(
+            out / ".posttrain.lock", "run folder", hint="wait for it to finish or choose another run.output_dir"
+        ):
             stop_file(out).unlink(missing_ok=True)  # the stop request of an earlier, stopped attempt
             workers = launches_workers(cfg)
             if workers:
@@ -231,15 +164,11 @@ def run(tree: DictConfig) -> dict | None:
             if workers:
                 return run_in_workers(cfg, out / "resolved.yaml")
             return run_pipeline(cfg)
-    except GateError as e:
-        if _in_sweep():  # the sweep goes on; its table shows this run as stopped
+    except PosttrainError as e:
+        if isinstance(e, GateError) and _in_sweep():  # the sweep goes on; its table shows this run as stopped
             print(f"error: {e}", file=sys.stderr, flush=True)
             return None
         sys.exit(f"error: {e}")
-    except (ConfigError, DataError, ArtifactError) as e:
-        sys.exit(f"error: {e}")
-    except LockedError as e:
-        sys.exit(f"error: {e}; wait for it to finish or choose another run.output_dir")
     except Preempted as e:
         print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
         sys.exit(EXIT_PREEMPTED)
@@ -252,10 +181,6 @@ def launches_workers(cfg: Config) -> bool:
 
 def run_in_workers(cfg: Config, resolved: Path) -> dict | None:
     """Start the workers on the frozen config and wait; their summary, or their exit as ours."""
-    from posttrain.artifacts import read_json, read_manifest
-    from posttrain.launch import run_workers
-    from posttrain.preemption import EXIT_PREEMPTED
-
     code = run_workers(cfg, resolved)
     if code == 0:
         return read_json(cfg.run.output_path / "summary.json")
@@ -269,8 +194,6 @@ def run_in_workers(cfg: Config, resolved: Path) -> dict | None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(tree: DictConfig) -> float | None:
     """Returns sweep.objective's value: what an Optuna sweep (hydra/sweeper=posttrain_optuna) optimises."""
-    from posttrain.sweep_report import objective_value
-
     summary = run(tree)
     return objective_value(summary, str(tree.sweep.objective)) if summary else None
 
@@ -319,9 +242,7 @@ def help_text(overrides: list[str]) -> str:
 
 def main() -> None:
     if sys.argv[1:2] == ["show"]:
-        from posttrain.show import main as show
-
-        sys.exit(show(sys.argv[2:]))
+        sys.exit(show.main(sys.argv[2:]))
     args = _shorthands(sys.argv[1:])
     if mistake := unknown_option(args):
         sys.exit(f"error: {mistake}")

@@ -17,18 +17,12 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.builtin import TaskSpec
+from posttrain.errors import ConfigError, require
+
+__all__ = ["ConfigError", "require"]  # re-exported: plugins raise posttrain.config.ConfigError
 
 # `data.path: stage:<name>`: the dataset an earlier data stage (pairs) wrote
 STAGE_PREFIX = "stage:"
-
-
-class ConfigError(ValueError):
-    """A config mistake; the message is one line naming the key and what is allowed."""
-
-
-def require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
 
 
 # --- model -----------------------------------------------------------------------------
@@ -520,11 +514,45 @@ class Config:
     stages: dict[str, StageConfig]
 
 
-# --- the chain as a whole ----------------------------------------------------------------
+# --- batches and processes --------------------------------------------------------------
 
-# the built-in data (and a data stage's pairs): which stage kinds it fits
-BUILTIN_KINDS = {"builtin:sft": ("sft", "prompt"), "builtin:preference": ("preference", "unpaired", "prompt")}
-PAIRS_KINDS = ("preference", "unpaired")
+
+def processes_per_node(launcher: LauncherConfig) -> int:
+    """Processes the launcher starts on each node: launcher.gpus, else every visible GPU (1 without any)."""
+    if launcher.name == "local":
+        return 1
+    return launcher.gpus or visible_gpus()
+
+
+def planned_world_size(launcher: LauncherConfig) -> int:
+    """Processes the launcher will start: nodes x processes per node."""
+    return launcher.nnodes * processes_per_node(launcher)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def resolve_batches(stages: dict[str, StageConfig], world: int) -> None:
+    """Derive gradient_accumulation_steps of every stage that sets global_batch_size."""
+    for name, stage in stages.items():
+        if stage.global_batch_size is None:
+            continue
+        per_step = stage.per_device_train_batch_size * world
+        require(
+            stage.global_batch_size % per_step == 0,
+            f"{name}.global_batch_size",
+            f"{stage.global_batch_size} is not divisible by per_device_train_batch_size "
+            f"{stage.per_device_train_batch_size} x {world} processes = {per_step}; choose a multiple of {per_step} "
+            f"or change {name}.per_device_train_batch_size",
+        )
+        stage.gradient_accumulation_steps = stage.global_batch_size // per_step
+
+
+def global_batch(stage: StageConfig, world: int) -> int:
+    return stage.per_device_train_batch_size * stage.gradient_accumulation_steps * world
 
 
 def stage_peft(stage: StageConfig, peft: PeftConfig) -> str:
@@ -532,100 +560,12 @@ def stage_peft(stage: StageConfig, peft: PeftConfig) -> str:
     return stage.peft or peft.method
 
 
-def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
-    """Mistakes of the chain as a whole, found before anything loads: a reference given to a
-    reference-free method, a stage started from a reward model, data that does not fit a method,
-    QLoRA without a GPU."""
-    from posttrain.rewards import check_reward_spec
-    from posttrain.stages import STAGES
-
-    reward_models = {name for name, s in stages.items() if STAGES[s.method].model_kind == "reward"}
-    data_stages = {name for name, s in stages.items() if STAGES[s.method].model_kind == "none"}
-    previous, earlier = "base", ["base"]
-    for name, stage in stages.items():
-        spec = STAGES[stage.method]
-        if spec.uses_reward:
-            check_reward_spec(stage.reward, f"{name}.reward", [s for s in earlier if s in reward_models])
-        parent = previous if stage.init_from == "previous" else stage.init_from
-        require(
-            parent not in reward_models,
-            f"{name}.init_from",
-            f"{stage.init_from!r} is the reward model {parent!r}, which does not generate; "
-            f"start {stage.method} from one of: {', '.join(s for s in earlier if s not in reward_models)}",
-        )
-        if stage.reference is not None:
-            require(
-                spec.uses_reference,
-                f"{name}.reference",
-                f"{stage.method} is reference-free and takes no reference; remove {name}.reference "
-                f"(methods with one: {', '.join(m for m, s in STAGES.items() if s.uses_reference)})",
-            )
-            allowed = [s for s in earlier if s not in reward_models]
-            require(
-                stage.reference in allowed,
-                f"{name}.reference",
-                f"{stage.reference!r} is not a causal LM before {name!r}; allowed: {', '.join(allowed)}",
-            )
-        if spec.model_kind == "reward":  # evaluated by held-out reward accuracy; eval.exact_match is ignored
-            require(stage.eval.judge is None, f"{name}.eval.judge", "a reward model does not generate; set null")
-            bound = stage.gate.min_exact_match
-            require(bound is None, f"{name}.gate.min_exact_match", "a reward model does not generate; set null")
-        _check_data_fits(name, stage, spec.data_kind)
-        _check_stage_sources(name, stage, spec.data_kind, [s for s in earlier if s in data_stages])
-        if stage_peft(stage, peft) == "qlora":
-            _check_qlora(f"{name}.peft" if stage.peft else "peft.method")
-        previous = name
-        earlier.append(name)
-
-
-def _check_data_fits(name: str, stage: StageConfig, kind: str) -> None:
-    sources = stage.data.source_list()
-    for i, source in enumerate(sources):
-        key = f"{name}.data.sources[{i}]" if stage.data.sources else f"{name}.data"
-        fits = formats.KIND_FORMATS[kind]
-        if source.format != "auto":
-            require(
-                source.format in fits,
-                f"{key}.format",
-                f"{source.format!r} rows do not fit {stage.method} ({kind} data); allowed: {', '.join(fits)}",
-            )
-        kinds = BUILTIN_KINDS.get(source.path)
-        if kinds is not None:
-            other = next(p for p, k in BUILTIN_KINDS.items() if kind in k)
-            require(
-                kind in kinds,
-                f"{key}.path",
-                f"{source.path} is {kinds[0]} data and does not fit {stage.method} ({kind} data); use {other}",
-            )
-
-
-def _check_stage_sources(name: str, stage: StageConfig, kind: str, earlier_data_stages: list[str]) -> None:
-    """`stage:<name>` sources name an earlier data stage, and its pairs fit this method."""
-    for i, source in enumerate(stage.data.source_list()):
-        if not source.path.startswith(STAGE_PREFIX):
-            continue
-        key = f"{name}.data.sources[{i}].path" if stage.data.sources else f"{name}.data.path"
-        producer = source.path[len(STAGE_PREFIX) :]
-        allowed = ", ".join(STAGE_PREFIX + s for s in earlier_data_stages) or "none (add a pairs stage before it)"
-        require(producer in earlier_data_stages, key, f"{producer!r} is not an earlier data stage; allowed: {allowed}")
-        require(
-            kind in PAIRS_KINDS,
-            key,
-            f"{source.path} holds preference pairs, which {stage.method} ({kind} data) does not train on",
-        )
-
-
-def _check_qlora(key: str) -> None:
-    import importlib.util
-
-    require(
-        importlib.util.find_spec("bitsandbytes") is not None,
-        key,
-        "qlora needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; on this machine use lora",
-    )
-    import torch
-
-    require(torch.cuda.is_available(), key, "qlora needs a CUDA GPU (4-bit NF4 weights); on this machine use lora")
+def config_dir() -> str:
+    """The yaml this schema describes: conf/ as package data (wheel install), else the source
+    checkout's conf/ (editable)."""
+    packaged = Path(__file__).parent / "conf"
+    source = Path(__file__).resolve().parents[1] / "conf"
+    return str(packaged if packaged.is_dir() else source)
 
 
 # --- building dataclasses from the composed tree ---------------------------------------
@@ -686,69 +626,3 @@ def build(cls: type, data: dict, key: str = "") -> Any:
             raise ConfigError(f"{prefix}{name}: unknown key; allowed: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)
-
-
-def load_config(tree: dict, on_launch_node: bool = True) -> Config:
-    """Validate a composed config tree (plain dict, interpolations resolved) into a `Config`.
-
-    `on_launch_node`: also check what only the node that launches can see (the hostfile, its GPUs);
-    workers reading the frozen config on other nodes skip that."""
-    from posttrain.stages import STAGES, load_plugins
-    from posttrain.stages.base import check_trainer_args
-
-    load_plugins()
-    tree = dict(tree)
-    tree.pop("hydra", None)
-    sections = {
-        "run": RunConfig,
-        "model": ModelConfig,
-        "data": DataConfig,
-        "peft": PeftConfig,
-        "deepspeed": DeepSpeedConfig,
-        "launcher": LauncherConfig,
-        "logger": LoggerConfig,
-        "sweep": SweepConfig,
-    }
-    built = {name: build(cls, tree.pop(name, {}) or {}, name) for name, cls in sections.items()}
-    run: RunConfig = built["run"]
-    stages: dict[str, StageConfig] = {}
-    allowed_methods = ", ".join(["none", *STAGES])
-    for name in run.stages:
-        require(name in tree, "run.stages", f"{name!r} has no config section; sections: {', '.join(tree) or 'none'}")
-        section = dict(tree.pop(name) or {})
-        method = section.get("method", "none")
-        if method == "none":
-            continue
-        require(method in STAGES, f"{name}.method", f"unknown method {method!r}; allowed: {allowed_methods}")
-        stage = build(STAGES[method].config_cls, section, name)
-        stage.validate(name)
-        check_trainer_args(STAGES[method], stage, name)
-        if STAGES[method].data_kind != "preference":
-            for bound in ("min_reward_accuracy", "min_reward_margin"):
-                require(getattr(stage.gate, bound) is None, f"{name}.gate.{bound}", f"{method} has no rewards")
-        allowed = ["base", "previous", *stages]
-        require(
-            stage.init_from in allowed,
-            f"{name}.init_from",
-            f"{stage.init_from!r} is not a stage that runs before {name!r}; allowed: {', '.join(allowed)}",
-        )
-        stages[name] = stage
-    for name, section in tree.items():
-        is_stage = isinstance(section, dict) and "method" in section
-        require(is_stage, name, f"unknown key; allowed: {', '.join([*sections, *run.stages])}")
-        require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
-    require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
-    check_chain(stages, built["peft"])
-    objective_stage = built["sweep"].objective.split(".")[0]
-    require(
-        objective_stage in ["base", *run.stages],
-        "sweep.objective",
-        f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
-    )
-    from posttrain.distributed import check_distributed, planned_world_size, resolve_batches
-
-    resolve_batches(stages, planned_world_size(built["launcher"]))
-    cfg = Config(stages=stages, **built)
-    if on_launch_node:
-        check_distributed(cfg)
-    return cfg

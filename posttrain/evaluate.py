@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from posttrain import models
+from posttrain.errors import ConfigError
+from posttrain.rewards import import_function
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -105,8 +109,6 @@ def response_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ro
 
 def win_rate(judge: str, records: list[dict[str, Any]], parent_records: list[dict[str, Any]]) -> float | None:
     """Mean judge score of this stage's replies against its parent's on the prompts both answered."""
-    from posttrain.config import ConfigError
-
     parent = {r["prompt"]: r for r in parent_records}
     pairs = [(r, parent[r["prompt"]]) for r in records if r["prompt"] in parent]
     if not pairs:
@@ -114,8 +116,6 @@ def win_rate(judge: str, records: list[dict[str, Any]], parent_records: list[dic
     if judge == "exact_match":
         scores = [0.5 + 0.5 * (int(mine["correct"]) - int(theirs["correct"])) for mine, theirs in pairs]
     else:
-        from posttrain.rewards import import_function
-
         function = import_function(judge, "eval.judge")
         prompts = [mine["prompt"] for mine, _ in pairs]
         scores = function(prompts, [mine["reply"] for mine, _ in pairs], [theirs["reply"] for _, theirs in pairs])
@@ -126,26 +126,13 @@ def win_rate(judge: str, records: list[dict[str, Any]], parent_records: list[dic
     return sum(scores) / len(scores)
 
 
-def on_accelerator(model: PreTrainedModel) -> PreTrainedModel:
-    """A model loaded for evaluation (on the CPU) moved to this process's GPU, where there is one."""
-    import os
-
-    import torch
-
-    if model.device.type != "cpu" or not torch.cuda.is_available() or getattr(model, "is_quantized", False):
-        return model
-    return model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-
-
 def evaluate_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset | None, eval_cfg: EvalConfig
 ) -> tuple[dict[str, float], list[dict]]:
     """Response loss and exact match (with every reply) on the held-out conversations."""
-    from posttrain import models
-
     if rows is None:
         return {}, []
-    model = on_accelerator(model)
+    model = models.on_accelerator(model)
     metrics: dict[str, float] = {}
     replies: list[dict] = []
     if models.marks_assistant_tokens(tokenizer):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from posttrain import models
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -66,10 +68,8 @@ class Sampler:
     def _sample_transformers(self, prompts: list[list[dict]], seed: int) -> list[list[str]]:
         import torch
 
-        from posttrain.evaluate import on_accelerator
-
         s, tokenizer = self.settings, self.tokenizer
-        self.model = on_accelerator(self.model).eval()
+        self.model = models.on_accelerator(self.model).eval()
         padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             enc = tokenizer(self.texts(prompts), return_tensors="pt", padding=True, add_special_tokens=False)

@@ -20,8 +20,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posttrain.config import ConfigError, LauncherConfig
-from posttrain.distributed import planned_world_size, processes_per_node
+from posttrain.config import ConfigError, LauncherConfig, planned_world_size, processes_per_node
+from posttrain.deepspeed_config import deepspeed_json, precision
+from posttrain.distributed import free_port
+from posttrain.stages import STAGES
+from posttrain.stages.base import training_args
 
 if TYPE_CHECKING:
     from posttrain.config import Config
@@ -53,8 +56,6 @@ def _port(launcher: LauncherConfig) -> int:
     """The rank-0 node's port: the configured one, else 29500 across nodes, else a free one here."""
     if launcher.master_port is not None:
         return launcher.master_port
-    from posttrain.distributed import free_port
-
     return 29500 if launcher.nnodes > 1 else free_port()
 
 
@@ -144,9 +145,6 @@ def write_launch_files(cfg: Config, resolved: Path) -> list[str]:
     a person can re-run (`bash <run>/launch/workers.sh`)."""
     import json
 
-    from posttrain.distributed import deepspeed_json, precision
-    from posttrain.stages.base import training_args
-
     folder = resolved.parent / "launch"
     folder.mkdir(parents=True, exist_ok=True)
     if cfg.launcher.name == "accelerate":
@@ -156,7 +154,7 @@ def write_launch_files(cfg: Config, resolved: Path) -> list[str]:
             # trainer passes its own json (posttrain/stage_run.py)
             first = next(iter(cfg.stages.values()))
             ds_path = folder / "deepspeed.json"
-            args = training_args(first, cfg, resolved.parent / next(iter(cfg.stages)))
+            args = training_args(STAGES[first.method], first, cfg, resolved.parent / next(iter(cfg.stages)))
             ds = deepspeed_json(cfg.deepspeed, first, planned_world_size(cfg.launcher), precision(args))
             ds_path.write_text(json.dumps(ds, indent=2) + "\n")
         (folder / "accelerate.yaml").write_text(accelerate_yaml(cfg, ds_path))

@@ -19,14 +19,17 @@ import socket
 import time
 from pathlib import Path
 
+from posttrain.errors import PosttrainError
 
-class LockedError(RuntimeError):
+
+class LockedError(PosttrainError):
     """Another live process holds the lock."""
 
 
 class FileLock:
-    def __init__(self, path: Path, what: str, wait: bool = False, on_wait=None):
-        self.path, self.what, self.wait, self.on_wait = path, what, wait, on_wait
+    def __init__(self, path: Path, what: str, wait: bool = False, on_wait=None, hint: str = ""):
+        """`hint`: what to do instead, appended to the LockedError's message."""
+        self.path, self.what, self.wait, self.on_wait, self.hint = path, what, wait, on_wait, hint
         self.fd: int | None = None
 
     def holder(self) -> str:
@@ -45,7 +48,8 @@ class FileLock:
         except BlockingIOError:
             if not self.wait:
                 os.close(fd)
-                raise LockedError(f"{self.what} {self.path.parent} is in use by {self.holder()}") from None
+                hint = f"; {self.hint}" if self.hint else ""
+                raise LockedError(f"{self.what} {self.path.parent} is in use by {self.holder()}{hint}") from None
             if self.on_wait is not None:
                 self.on_wait(self.holder())
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -3,14 +3,15 @@ for `posttrain plan=true`, and whether a stage's activations need checkpointing
 (`<stage>.activation_checkpointing: auto`).
 
     config = model_config(cfg.model)                 # transformers config of the base model
-    on, why = activation_checkpointing(stage, cfg, source)
+    on, why = activation_checkpointing(stage, cfg, spec.data_kind, source)
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from posttrain.config import Config, DeepSpeedConfig, ModelConfig, StageConfig, stage_peft
+from posttrain.config import Config, DeepSpeedConfig, ModelConfig, StageConfig, processes_per_node, stage_peft
+from posttrain.models import TINY, compute_dtype, tiny_config
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -24,8 +25,6 @@ def model_config(model: ModelConfig, source: str | None = None, local_only: bool
     """The transformers config of `source` (default: the base model). `local_only`: a hub id's
     config from the local cache only (no network)."""
     from transformers import AutoConfig
-
-    from posttrain.models import TINY, tiny_config
 
     source = source or model.path
     if source == TINY:
@@ -48,8 +47,6 @@ def parameter_counts(config: PretrainedConfig) -> tuple[int, int]:
 
 def stage_bytes_per_parameter(stage: StageConfig, cfg: Config) -> tuple[float, str]:
     """Model-state bytes per parameter of a process that holds a stage's whole model, and what they are."""
-    from posttrain.models import compute_dtype
-
     method = stage_peft(stage, cfg.peft)
     if method == "none":  # full fine-tuning: weights, gradients and Adam's two moments
         # auto and float16 train fp32 master weights; bfloat16 trains bf16 ones
@@ -59,14 +56,6 @@ def stage_bytes_per_parameter(stage: StageConfig, cfg: Config) -> tuple[float, s
         dtype = compute_dtype(cfg.model.dtype)
         return float(dtype.itemsize), f"{str(dtype).removeprefix('torch.')} frozen weights"
     return 0.6, "NF4 frozen weights"
-
-
-def whole_model_bytes(cfg: Config) -> tuple[float, str]:
-    """stage_bytes_per_parameter of the chain's heaviest trained stage."""
-    from posttrain.stages import STAGES
-
-    trained = [s for s in cfg.stages.values() if STAGES[s.method].make_trainer is not None]
-    return max((stage_bytes_per_parameter(s, cfg) for s in trained), default=(16.0, "fp32 weights, gradients, Adam"))
 
 
 def memory_per_gpu(
@@ -116,21 +105,19 @@ def activation_bytes(config: PretrainedConfig, sequences: int, length: int) -> f
     return float(sequences * length * per_token)
 
 
-def sequences_per_forward(stage: StageConfig) -> int:
-    """Rows in one micro-batch's forward pass: pairs run chosen and rejected together, KTO its KL batch."""
-    from posttrain.stages import STAGES
-
-    return stage.per_device_train_batch_size * (1 if STAGES[stage.method].data_kind in ("sft", "prompt") else 2)
+def sequences_per_forward(stage: StageConfig, data_kind: str) -> int:
+    """Rows in one micro-batch's forward pass of a method that trains on `data_kind` rows (StageSpec):
+    pairs run chosen and rejected together, KTO its KL batch."""
+    return stage.per_device_train_batch_size * (1 if data_kind in ("sft", "prompt") else 2)
 
 
 def activation_checkpointing(
-    stage: StageConfig, cfg: Config, source: str | None = None, local_only: bool = False
+    stage: StageConfig, cfg: Config, data_kind: str, source: str | None = None, local_only: bool = False
 ) -> tuple[bool, str]:
     """A stage's `activation_checkpointing`, with `auto` decided for the model at `source`
     (default: the base model): on when the GPU cannot hold the model states and one micro-batch's
-    activations at max_length; off on a CPU. Returns (on, why)."""
-    from posttrain.distributed import processes_per_node
-
+    activations at max_length; off on a CPU. `data_kind`: the method's (StageSpec.data_kind).
+    Returns (on, why)."""
     if stage.activation_checkpointing != "auto":
         return bool(stage.activation_checkpointing), "set in the config"
     capacity = gpu_memory()
@@ -145,7 +132,7 @@ def activation_checkpointing(
     per_node, nodes = processes_per_node(cfg.launcher), cfg.launcher.nnodes
     states, _ = memory_per_gpu(cfg.deepspeed, total, largest, per_node, nodes, whole)
     length = stage.max_length or config.get_text_config().max_position_embeddings
-    need = states + activation_bytes(config, sequences_per_forward(stage), length)
+    need = states + activation_bytes(config, sequences_per_forward(stage, data_kind), length)
     on = need > USABLE_SHARE * capacity
     return on, f"model states and activations ~{gib(need)} {'>' if on else '<='} {USABLE_SHARE:.0%} of {gib(capacity)}"
 
@@ -163,30 +150,3 @@ def gib(n: float) -> str:
 
 def count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def plan_memory_lines(cfg: Config, world: int, per_node: int) -> list[str]:
-    """The memory lines of `posttrain plan=true`: model states per GPU, and a hint when they
-    exceed this machine's GPU."""
-    ds = cfg.deepspeed
-    # one plain process: an estimate only from a config already on this machine (no hub request)
-    alone = world == 1 and ds.stage is None
-    try:
-        total, largest = parameter_counts(model_config(cfg.model, local_only=alone))
-    except (OSError, ValueError) as e:  # a hub id offline, a folder without config.json
-        return [] if alone else [f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})"]
-    whole, what = whole_model_bytes(cfg)
-    gpu, cpu = memory_per_gpu(ds, total, largest, per_node, cfg.launcher.nnodes, whole)
-    basis = f"DeepSpeed's estimate for ZeRO-{ds.stage}" if ds.stage else f"{whole:g} bytes per parameter: {what}"
-    if ds.stage == 1:
-        basis += " (its ZeRO-2 formula: ZeRO-1 also keeps whole gradients)"
-    on_cpu = f", CPU per node {gib(cpu)}" if ds.stage else ""
-    lines = [
-        f"memory: {count(total)} parameters; model states per GPU {gib(gpu)}{on_cpu} ({basis}; activations come on top)"
-    ]
-    if (capacity := gpu_memory()) and gpu > capacity:
-        lines.append(
-            f"memory: more than this GPU's {gib(capacity)}; model.dtype=bfloat16 (8 bytes per parameter), "
-            "peft=lora (2), or deepspeed=zero3 over several GPUs"
-        )
-    return lines

@@ -206,3 +206,14 @@ def load_model(
             source, num_labels=1, pad_token_id=pad_token_id, **kwargs
         )
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def on_accelerator(model: PreTrainedModel) -> PreTrainedModel:
+    """A model loaded for evaluation (on the CPU) moved to this process's GPU, where there is one."""
+    import os
+
+    import torch
+
+    if model.device.type != "cpu" or not torch.cuda.is_available() or getattr(model, "is_quantized", False):
+        return model
+    return model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")

@@ -19,14 +19,14 @@ from posttrain.artifacts import Artifact
 from posttrain.config import GATE_METRICS, STAGE_PREFIX, Config, ConfigError, DataSource, StageConfig
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import DataError, StageData, load_stage_data
-from posttrain.data.report import format_report, plot_lengths
 from posttrain.distributed import agree, is_main, main_first
-from posttrain.evaluate import evaluate_model
+from posttrain.evaluate import evaluate_model, win_rate
 from posttrain.locks import FileLock
 from posttrain.preemption import PreemptionGuard
+from posttrain.report.data import format_report, plot_lengths
+from posttrain.report.table import format_samples, format_table
 from posttrain.stage_run import StageRun, run_stage
 from posttrain.stages import STAGES
-from posttrain.summary import format_samples, format_table
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -285,7 +285,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     }
     artifacts.write_json_atomic(out / "summary.json", summary)
     (out / "samples.md").write_text(format_samples(summary["samples"]))
-    print(format_table(cfg, results))
+    print(format_table(results, [c for s in cfg.stages.values() for c in STAGES[s.method].summary_metrics]))
     log(f"done in {summary['total_s']:.0f}s; summary: {out / 'summary.json'}")
     if gate_error:
         raise artifacts.GateError(gate_error)
@@ -294,8 +294,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 
 def judged(name: str, stage: StageConfig, parent: str, replies: dict[str, list[dict]]) -> dict[str, float]:
     """win_rate_vs_parent by the stage's judge, when both it and its parent generated replies."""
-    from posttrain.evaluate import win_rate
-
     rate = win_rate(stage.eval.judge, replies.get(name, []), replies.get(parent, []))
     if rate is None:
         log(f"stage {name}: no win rate: {parent} has no replies to the same prompts (set {parent}.eval.judge too)")

@@ -12,6 +12,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from posttrain.distributed import any_rank
+
 # EX_TEMPFAIL from sysexits.h: "try again later"
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -56,8 +58,6 @@ class PreemptionGuard:
 
     def agreed(self) -> bool:
         """Whether any rank of the run was asked to stop (every rank must stop at the same step)."""
-        from posttrain.distributed import any_rank
-
         self.requested_here()
         if any_rank(self.requested) and not self.requested:
             self.signal_name = "a stop signal to another rank"

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from posttrain.distributed import agree
+
 if TYPE_CHECKING:
     from datasets import Dataset
 
@@ -86,8 +88,6 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
                 self.ref_logps_seconds += time.perf_counter() - started
 
         def _cached_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-            from posttrain.distributed import agree
-
             path = cache_path(cache, name, dataset)
             if self.accelerator.num_processes > 1:
                 # TRL hands its computed columns from rank 0 to the others through a file that, for an

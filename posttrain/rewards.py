@@ -19,41 +19,23 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError
+from posttrain import artifacts, models
+from posttrain.artifacts import hash_json
+from posttrain.data.builtin import solve
+from posttrain.errors import ConfigError, PosttrainError
 
 BUILTIN = "builtin"
 
 
-class RewardError(RuntimeError):
+class RewardError(PosttrainError):
     """A reward function failed or returned something other than one float per completion."""
 
 
 # --- the built-in tasks' checker ----------------------------------------------------------
-
-_ADD = re.compile(r"What is (\d+) \+ (\d+)\?")
-_REVERSE = re.compile(r"Reverse the letters: ([a-z](?: [a-z])*)")
-_SORT = re.compile(r"Sort the letters: ([a-z](?: [a-z])*)")
-_COUNT = re.compile(r"How many items: (\w+(?: \w+)*)")
-
-
-def solve(prompt: str) -> str | None:
-    """The exact answer to a built-in task's prompt, worked out from the prompt itself
-    (posttrain/data/builtin.py); None for a prompt that is not one of its tasks."""
-    prompt = prompt.strip()
-    if m := _ADD.fullmatch(prompt):
-        return str(int(m[1]) + int(m[2]))
-    if m := _REVERSE.fullmatch(prompt):
-        return " ".join(m[1].split()[::-1])
-    if m := _SORT.fullmatch(prompt):
-        return " ".join(sorted(m[1].split()))
-    if m := _COUNT.fullmatch(prompt):
-        return str(len(m[1].split()))
-    return None
 
 
 def builtin_reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
@@ -130,8 +112,6 @@ def function_identity(spec: str, key: str) -> dict[str, str]:
         source = inspect.getsource(inspect.getmodule(function) or function)
     except (OSError, TypeError):
         source = ""
-    from posttrain.stage_cache import hash_json
-
     return {"function": spec, "source": hash_json(source)}
 
 
@@ -153,11 +133,8 @@ class RewardModelScorer:
     trained it."""
 
     def __init__(self, folder: Path, model_cfg, tokenizer, batch_size: int = 32):
-        from posttrain import models
-        from posttrain.evaluate import on_accelerator
-
         model = models.load_model(str(folder), model_cfg, "reward", pad_token_id=tokenizer.pad_token_id)
-        self.model = on_accelerator(model).eval()
+        self.model = models.on_accelerator(model).eval()
         self.tokenizer, self.batch_size = tokenizer, batch_size
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
@@ -181,8 +158,6 @@ class RewardModelScorer:
 def check_reward_spec(spec: str, key: str, earlier_reward_models: list[str]) -> None:
     """Plan-time check of a `reward` value: builtin, module:function, an earlier rm stage, or
     a folder that holds a reward model artifact."""
-    from posttrain import artifacts
-
     if spec == BUILTIN or spec in earlier_reward_models:
         return
     if is_function(spec):

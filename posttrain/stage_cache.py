@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain import artifacts
-from posttrain.config import STAGE_PREFIX, Config, ConfigError, DataSource, ModelConfig, StageConfig
-from posttrain.data.builtin import TaskSpec
+from posttrain import artifacts, rewards
+from posttrain.artifacts import hash_json
+from posttrain.config import STAGE_PREFIX, Config, ConfigError, DataSource, ModelConfig, StageConfig, planned_world_size
+from posttrain.data.builtin import GENERATOR_VERSION, TaskSpec
 from posttrain.data.load import data_files
-from posttrain.distributed import planned_world_size
+from posttrain.stages import PLUGINS, STAGES
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
@@ -39,10 +40,6 @@ NOT_IN_KEY = (
     "global_batch_size",
     "activation_checkpointing",
 )
-
-
-def hash_json(content: Any) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- data fingerprints ------------------------------------------------------------------
@@ -101,8 +98,6 @@ def base_key(model: ModelConfig) -> str:
 def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
     """The part of the config that decides a stage's weights (recorded in its manifest); for a
     method another package registers, that package's name and version."""
-    from posttrain.stages import PLUGINS
-
     own = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_IN_KEY}
     content = {
         "stage": own,
@@ -118,8 +113,6 @@ def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
 
 def stage_keys(cfg: Config) -> dict[str, str]:
     """Every stage's key, in chain order (`base` first)."""
-    from posttrain.stages import STAGES
-
     keys = {"base": base_key(cfg.model)}
     # the key of the model each stage hands on (a data stage hands on its parent's)
     model_keys = dict(keys)
@@ -145,9 +138,6 @@ def stage_keys(cfg: Config) -> dict[str, str]:
 def reward_identity(spec: str, name: str, keys: dict[str, str]) -> Any:
     """What decides an online stage's rewards: the built-in checker's version, an rm stage's key,
     a reward model folder's manifest key, or a user function's import path and source."""
-    from posttrain import rewards
-    from posttrain.data.builtin import GENERATOR_VERSION
-
     if spec == rewards.BUILTIN:
         return {"builtin": GENERATOR_VERSION}
     if spec in keys:

@@ -20,10 +20,12 @@ from posttrain import artifacts, distributed, models, peft_handoff, stage_cache
 from posttrain.artifacts import Artifact
 from posttrain.config import Config, LoggerConfig, StageConfig, stage_peft
 from posttrain.data.load import StageData
+from posttrain.deepspeed_config import deepspeed_json, precision
 from posttrain.evaluate import evaluate_model
-from posttrain.plots import plot_curves
 from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.ref_logps import RefLogpsCache
+from posttrain.report.plots import plot_curves
+from posttrain.rewards import load_reward
 from posttrain.stages import STAGES
 from posttrain.stages.base import (
     DataStageInputs,
@@ -128,7 +130,7 @@ def train_stage(
     (None on ranks other than 0 under ZeRO-3) and the trainer's metrics, or (None, {"stopped": True})
     when a preemption signal stopped it at a checkpoint."""
     spec = STAGES[run.stage.method]
-    args = training_args(run.stage, cfg, run.folder, run.parent.source)
+    args = training_args(STAGES[run.stage.method], run.stage, cfg, run.folder, run.parent.source)
     args |= tokenization_processes(spec, run.stage, len(run.data.train))
     zero3 = deepspeed_settings(run, cfg, args)
     policy = build_policy(run, cfg, tokenizer)
@@ -180,8 +182,6 @@ def train_stage(
 
 
 def stage_reward(run: StageRun, cfg: Config, tokenizer):
-    from posttrain.rewards import load_reward
-
     return load_reward(run.stage.reward, f"{run.name}.reward", run.reward_models, cfg.model, tokenizer)
 
 
@@ -226,7 +226,7 @@ def deepspeed_settings(run: StageRun, cfg: Config, args: dict[str, Any]):
 
     hidden = getattr(AutoConfig.from_pretrained(run.parent.source), "hidden_size", None)
     world = distributed.world_size()
-    args["deepspeed"] = distributed.deepspeed_json(cfg.deepspeed, run.stage, world, distributed.precision(args), hidden)
+    args["deepspeed"] = deepspeed_json(cfg.deepspeed, run.stage, world, precision(args), hidden)
     if distributed.is_main():
         artifacts.write_json_atomic(cfg.run.output_path / "launch" / f"deepspeed-{run.name}.json", args["deepspeed"])
     if cfg.deepspeed.stage != 3:

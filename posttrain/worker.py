@@ -10,22 +10,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from posttrain import distributed
+from posttrain.config import planned_world_size
+from posttrain.errors import PosttrainError
+from posttrain.pipeline import run_pipeline
+from posttrain.plan import load_config
+from posttrain.preemption import EXIT_PREEMPTED, Preempted
+
 
 def main(argv: list[str]) -> int:
     import yaml
-
-    from posttrain import distributed
-    from posttrain.artifacts import ArtifactError, GateError
-    from posttrain.config import ConfigError, load_config
-    from posttrain.data.load import DataError
-    from posttrain.preemption import EXIT_PREEMPTED, Preempted
 
     if len(argv) != 1:
         print("usage: python -m posttrain.worker RUN_FOLDER/resolved.yaml", file=sys.stderr)
         return 2
     # the head process checked the launch (hostfile, GPUs) on its node; this may be another node
     cfg = load_config(yaml.safe_load(Path(argv[0]).read_text()), on_launch_node=False)
-    planned, started = distributed.planned_world_size(cfg.launcher), distributed.world_size()
+    planned, started = planned_world_size(cfg.launcher), distributed.world_size()
     if planned != started:
         print(
             f"error: the launcher started {started} processes, the config plans {planned} "
@@ -34,12 +35,10 @@ def main(argv: list[str]) -> int:
         )
         return 1
     distributed.init_workers(cfg)
-    from posttrain.pipeline import run_pipeline
-
     code = 0
     try:
         run_pipeline(cfg)
-    except (ConfigError, DataError, ArtifactError, GateError) as e:
+    except PosttrainError as e:
         if distributed.is_main():
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 1

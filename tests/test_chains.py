@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError
 from posttrain.pipeline import run_pipeline
+from posttrain.plan import load_config
 from tests.conftest import FAST, compose_tree
 
 SECOND_DPO = ["+align@align2=dpo", "run.stages=[sft,align,align2]", "align2.init_from=align"]

@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from posttrain.cli import compose_tree
-from posttrain.config import ConfigError, load_config
-from posttrain.distributed import deepspeed_json
+from posttrain.config import ConfigError
+from posttrain.deepspeed_config import deepspeed_json
 from posttrain.launch import launch_command, write_launch_files
 from posttrain.memory import memory_per_gpu, model_config, parameter_counts
+from posttrain.plan import load_config
 from tests.conftest import REPO, run_posttrain
 
 HOSTFILE = REPO / "launch" / "hostfile.example"
@@ -336,7 +337,7 @@ def test_plan_of_one_process_estimates_the_whole_models_memory(tmp_path, overrid
     full fine-tune that cannot fit is seen before anything loads."""
     from transformers import LlamaConfig
 
-    from posttrain.distributed import plan_lines
+    from posttrain.plan import plan_lines
 
     model = tmp_path / "llama-8b"
     LlamaConfig(

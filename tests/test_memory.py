@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from posttrain import memory
-from posttrain.config import load_config
+from posttrain.plan import load_config
 from tests.conftest import compose_tree
 
 GIB = 2**30
@@ -81,7 +81,7 @@ def test_auto_checkpointing_turns_on_where_a_gpu_could_not_hold_the_activations(
 ):
     source = config_folder(tmp_path, "model", model)
     cfg = load_config(compose_tree([f"model.path={source}", "sft.max_length=2048", *overrides]))
-    decided, why = memory.activation_checkpointing(cfg.stages["sft"], cfg, source)
+    decided, why = memory.activation_checkpointing(cfg.stages["sft"], cfg, "sft", source)
     assert decided is on, why
     assert why.endswith("85% of 80.0 GiB")
 
@@ -91,16 +91,16 @@ def test_auto_checkpointing_counts_both_replies_of_a_pair(tmp_path, gpu_80gib):
     source = config_folder(tmp_path, "model", QWEN_05B)
     both = ["sft.per_device_train_batch_size=8", "align.per_device_train_batch_size=8", "align.max_length=2048"]
     cfg = load_config(compose_tree([f"model.path={source}", "sft.max_length=2048", *both]))
-    assert memory.activation_checkpointing(cfg.stages["sft"], cfg, source)[0] is False
-    assert memory.activation_checkpointing(cfg.stages["align"], cfg, source)[0] is True
+    assert memory.activation_checkpointing(cfg.stages["sft"], cfg, "sft", source)[0] is False
+    assert memory.activation_checkpointing(cfg.stages["align"], cfg, "preference", source)[0] is True
 
 
 def test_auto_checkpointing_is_off_on_a_cpu_and_a_setting_wins(tmp_path):
     cfg = load_config(compose_tree([]))
     if memory.gpu_memory() is None:
-        assert memory.activation_checkpointing(cfg.stages["sft"], cfg) == (False, "no GPU")
+        assert memory.activation_checkpointing(cfg.stages["sft"], cfg, "sft") == (False, "no GPU")
     forced = load_config(compose_tree(["sft.activation_checkpointing=true"]))
-    assert memory.activation_checkpointing(forced.stages["sft"], forced) == (True, "set in the config")
+    assert memory.activation_checkpointing(forced.stages["sft"], forced, "sft") == (True, "set in the config")
 
 
 def test_checkpointing_setting_is_checked_and_not_part_of_the_stage_key():
@@ -114,7 +114,7 @@ def test_checkpointing_setting_is_checked_and_not_part_of_the_stage_key():
 
 
 def test_plan_shows_the_auto_decision_on_a_gpu_machine(tmp_path, gpu_80gib):
-    from posttrain.cli import plan_text
+    from posttrain.plan import plan_text
     from posttrain.stage_cache import stage_keys
 
     source = config_folder(tmp_path, "model", QWEN_05B)

@@ -13,8 +13,8 @@ import transformers
 from safetensors.torch import load_file
 
 from posttrain import chat_templates, models
-from posttrain.config import load_config
 from posttrain.pipeline import run_pipeline
+from posttrain.plan import load_config
 from tests.conftest import TWO_TURNS, assistant_tokens, compose_tree
 
 # registry entry -> (config class, its extra fields, special tokens, bos, the base tokenizer's eos)

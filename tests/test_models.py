@@ -105,8 +105,9 @@ def test_every_named_template_marks_each_reply_and_its_end(tiny, name):
 
 
 def test_template_without_generation_block_is_refused_with_the_fix(tiny, cache_dir):
-    from posttrain.config import ConfigError, load_config
+    from posttrain.config import ConfigError
     from posttrain.pipeline import check_chat_template
+    from posttrain.plan import load_config
     from tests.conftest import compose_tree
 
     cfg, source = tiny

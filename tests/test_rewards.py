@@ -9,10 +9,11 @@ import random
 
 import pytest
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError
 from posttrain.data import formats
-from posttrain.data.builtin import TASKS, TaskSpec, generate
-from posttrain.rewards import RewardError, builtin_reward, load_reward, solve
+from posttrain.data.builtin import TASKS, TaskSpec, generate, solve
+from posttrain.plan import load_config
+from posttrain.rewards import RewardError, builtin_reward, load_reward
 from posttrain.stages.pairs import best_and_worst, pair_row
 from tests.conftest import compose_tree, user_module
 

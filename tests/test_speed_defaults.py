@@ -44,8 +44,8 @@ def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkey
     from transformers import AutoModelForCausalLM
 
     from posttrain import models
-    from posttrain.config import load_config
     from posttrain.pipeline import run_pipeline
+    from posttrain.plan import load_config
     from posttrain.stage_run import saved_dtype
     from tests.conftest import compose_tree
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from posttrain import artifacts
-from posttrain.config import load_config
+from posttrain.plan import load_config
 from posttrain.stage_cache import StageIndex, config_changes, stage_keys
 from tests.conftest import compose_tree
 

@@ -1,7 +1,8 @@
-"""Built-in verifiable tasks: small instruction problems with one exact answer.
+"""Built-in verifiable tasks: small instruction problems with one exact answer, and their checker.
 
 Each task makes a prompt, its correct answer and a plausible wrong answer (off by one,
-letters out of order...). The generator writes SFT rows (`messages`) and preference rows
+letters out of order...); `solve` works the answer out again from the prompt alone (the
+`builtin` reward of the online stages). The generator writes SFT rows (`messages`) and preference rows
 (`prompt`/`chosen`/`rejected`, conversational) as jsonl files with `train` and `test`
 splits, so they are loaded through `datasets.load_dataset` exactly like a user's files.
 Held-out prompts never appear in a train split.
@@ -14,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import string
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from posttrain.errors import require
 
 # Bump when the generator's output changes, so cached files are made anew.
 GENERATOR_VERSION = 2
@@ -93,6 +97,29 @@ TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
 }
 
 
+# --- the checker: the answer from the prompt alone -----------------------------------------
+
+_ADD = re.compile(r"What is (\d+) \+ (\d+)\?")
+_REVERSE = re.compile(r"Reverse the letters: ([a-z](?: [a-z])*)")
+_SORT = re.compile(r"Sort the letters: ([a-z](?: [a-z])*)")
+_COUNT = re.compile(r"How many items: (\w+(?: \w+)*)")
+
+
+def solve(prompt: str) -> str | None:
+    """The exact answer to a built-in task's prompt, worked out from the prompt itself (the
+    generators above write it); None for a prompt that is not one of its tasks."""
+    prompt = prompt.strip()
+    if m := _ADD.fullmatch(prompt):
+        return str(int(m[1]) + int(m[2]))
+    if m := _REVERSE.fullmatch(prompt):
+        return " ".join(m[1].split()[::-1])
+    if m := _SORT.fullmatch(prompt):
+        return " ".join(sorted(m[1].split()))
+    if m := _COUNT.fullmatch(prompt):
+        return str(len(m[1].split()))
+    return None
+
+
 def generated_key(fields: dict) -> str:
     """A short hash of `fields` and GENERATOR_VERSION: names cached things made from generated text."""
     content = {**fields, "generator": GENERATOR_VERSION}
@@ -113,8 +140,6 @@ class TaskSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from posttrain.config import require
-
         for task in self.tasks:
             require(task in TASKS, "data.builtin.tasks", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
         for name in ("num_sft", "num_preference", "num_test"):

@@ -20,6 +20,8 @@ import difflib
 import re
 from collections.abc import Callable
 
+from posttrain.errors import PosttrainError
+
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "preference", "hh", "unpaired", "prompt")
 # formats each kind of stage takes, in the order `auto` tries them
 KIND_FORMATS = {
@@ -52,7 +54,7 @@ SHAREGPT_ROLES = {
 }  # fmt: skip
 
 
-class DataError(ValueError):
+class DataError(PosttrainError, ValueError):
     """Bad data; one line naming the source, row and field, and what was expected."""
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.data import formats
+from posttrain.data import curate, formats, mixture
 from posttrain.data.formats import DataError, FormatError
 
 if TYPE_CHECKING:
@@ -277,8 +277,6 @@ def load_stage_data(
     """Train and held-out rows for one stage of `kind` (sft | preference | unpaired):
     every source checked, held out, curated, then mixed; `report` says what each step did."""
     from datasets import Dataset
-
-    from posttrain.data import curate, mixture
 
     parts = []
     for src in data.source_list():

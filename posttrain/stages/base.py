@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from posttrain.config import StageConfig, require
+from posttrain.config import ConfigError, StageConfig, require
+from posttrain.memory import activation_checkpointing
+from posttrain.models import compute_dtype
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -123,13 +125,12 @@ class StageSpec:
 # --- shared training arguments ---------------------------------------------------------
 
 
-def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path, source: str | None = None) -> dict[str, Any]:
-    """transformers/TRL training arguments from a stage config, with precision and activation
-    checkpointing set from the device (for the model at `source`, default the base model)."""
+def training_args(
+    spec: StageSpec, cfg: StageConfig, run_cfg: Config, stage_dir: Path, source: str | None = None
+) -> dict[str, Any]:
+    """transformers/TRL training arguments from a stage config of method `spec`, with precision and
+    activation checkpointing set from the device (for the model at `source`, default the base model)."""
     import torch
-
-    from posttrain.memory import activation_checkpointing
-    from posttrain.models import compute_dtype
 
     dtype = compute_dtype(run_cfg.model.dtype)
     args: dict[str, Any] = dict(
@@ -151,7 +152,7 @@ def training_args(cfg: StageConfig, run_cfg: Config, stage_dir: Path, source: st
         # TRL defaults to bf16 and activation checkpointing: wrong for CPU and for small models.
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=activation_checkpointing(cfg, run_cfg, source)[0],
+        activation_checkpointing=activation_checkpointing(cfg, run_cfg, spec.data_kind, source)[0],
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         # resumable checkpoints (model, optimizer, scheduler, RNG, data position); the newest only
@@ -191,8 +192,6 @@ def tokenization_processes(spec: StageSpec, cfg: StageConfig, rows: int) -> dict
 def check_trainer_args(spec: StageSpec, cfg: StageConfig, key: str) -> None:
     """Raise ConfigError for a `trainer_args` key that TRL's config class for the method lacks."""
     import dataclasses
-
-    from posttrain.config import ConfigError
 
     if not cfg.trainer_args:
         return

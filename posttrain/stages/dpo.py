@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import StageConfig, require
+from posttrain.ref_logps import with_cached_reference
 from posttrain.stages.base import StageSpec, TrainerInputs
 
 LOSS_TYPES = (
@@ -52,8 +53,6 @@ def trl_config() -> type:
 def make_trainer(inputs: TrainerInputs):
     from trl import DPOConfig, DPOTrainer
     from trl.trainer import dpo_trainer
-
-    from posttrain.ref_logps import with_cached_reference
 
     cfg: DPOStageConfig = inputs.cfg
     args = DPOConfig(

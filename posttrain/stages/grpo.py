@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import require
+from posttrain.generation import vllm_usable
 from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
@@ -76,8 +77,6 @@ def trl_reward(inputs: TrainerInputs):
 
 def make_trainer(inputs: TrainerInputs):
     from trl import GRPOConfig, GRPOTrainer
-
-    from posttrain.generation import vllm_usable
 
     cfg: GRPOStageConfig = inputs.cfg
     args = dict(inputs.args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
+from posttrain.ref_logps import with_cached_reference
 from posttrain.stages.base import StageSpec, TrainerInputs
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -47,8 +48,6 @@ def trl_config() -> type:
 def make_trainer(inputs: TrainerInputs):
     from trl import KTOConfig, KTOTrainer
     from trl.trainer import kto_trainer
-
-    from posttrain.ref_logps import with_cached_reference
 
     cfg: KTOStageConfig = inputs.cfg
     args = dict(inputs.args)

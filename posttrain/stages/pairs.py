@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from posttrain import artifacts
 from posttrain.config import require
+from posttrain.data.formats import DataError
 from posttrain.generation import ENGINES, Sampler, SamplingSettings
 from posttrain.stages.base import DataStageInputs, OnlineStageConfig, StageSpec
 
@@ -192,8 +194,6 @@ def _write_pairs(out: Path, min_gap: float, k: int) -> dict[str, float]:
             mine = [s for s in samples if s.get("task") == task]
             metrics[f"{prefix}mean_reward/{task}"] = sum(sum(s["scores"]) for s in mine) / (len(mine) * k)
     if not metrics.get("pairs"):
-        from posttrain.data.formats import DataError
-
         raise DataError(
             f"{out}: every prompt's {k} replies scored the same, so there is no pair to learn from; "
             "raise num_samples or temperature, or use a reward that tells replies apart"
@@ -215,8 +215,6 @@ def resume_state(folder: Path, checkpoint: Path | None) -> dict[str, int]:
 
 def save_checkpoint(folder: Path, done: dict[str, int]) -> Path:
     """A checkpoint of the generation: how many chunks and lines of each split are written."""
-    from posttrain import artifacts
-
     lines = {}
     for split in SPLITS:
         path = folder / "pairs" / f"samples-{split}.jsonl"

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from posttrain import models, peft_handoff
-from posttrain.config import load_config
 from posttrain.pipeline import run_pipeline
+from posttrain.plan import load_config
 from tests.conftest import FAST, compose_tree
 from tests.integration.test_resume import TOLERANCE, _max_difference, _rerun, _start, _wait_for
 

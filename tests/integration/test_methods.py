@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import models
-from posttrain.config import load_config
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import load_stage_data
 from posttrain.pipeline import run_pipeline
+from posttrain.plan import load_config
 from posttrain.stages import STAGES
 from posttrain.stages.base import TrainerInputs, training_args
 from tests.conftest import compose_tree
@@ -57,7 +57,7 @@ def parent_metrics(cfg, parent: Path) -> dict[str, float]:
     data = load_stage_data(stage.data, spec.data_kind, builtin, cfg.run.seed)
     tokenizer = models.load_tokenizer(str(parent), cfg.model)
     model = models.load_model(str(parent), cfg.model, spec.model_kind, pad_token_id=tokenizer.pad_token_id)
-    args = training_args(stage, cfg, cfg.run.output_path / "parent-eval")
+    args = training_args(spec, stage, cfg, cfg.run.output_path / "parent-eval")
     inputs = TrainerInputs(stage, model, None, tokenizer, data.train, data.eval, args, peft_config=None)
     return spec.make_trainer(inputs).evaluate()
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import artifacts, launch
-from posttrain.config import load_config
 from posttrain.pipeline import run_pipeline
+from posttrain.plan import load_config
 from posttrain.preemption import Preempted
 from tests.conftest import FAST, compose_tree, user_module
 
@@ -64,7 +64,7 @@ def user_rewards(tmp_path, monkeypatch):
         "my_rewards",
         """
             import json, os, pathlib
-            from posttrain.rewards import builtin_reward
+            from posttrain.data.builtin import builtin_reward
             CALLS = pathlib.Path(__file__).with_name("calls.jsonl")
 
             def checked(prompts, completions):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError
+from posttrain.plan import load_config
 from tests.conftest import REPO, compose_tree
 
 CONF = REPO / "conf"

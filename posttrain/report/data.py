@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data.curate import FILTERS
-from posttrain.summary import markdown_table
+from posttrain.report.table import markdown_table
 
 
 def format_report(stage: str, report: dict[str, Any]) -> str:

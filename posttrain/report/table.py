@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.config import Config
-from posttrain.stages import STAGES
-
 COLUMNS = (
     ("exact_match", "exact_match"),
     ("response_loss", "response_loss"),
@@ -16,12 +13,11 @@ COLUMNS = (
 )
 
 
-def _columns(cfg: Config) -> list[tuple[str, str]]:
+def _columns(method_columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     columns = list(COLUMNS)
-    for stage in cfg.stages.values():
-        for item in STAGES[stage.method].summary_metrics:
-            if item not in columns:
-                columns.append(item)
+    for item in method_columns:
+        if item not in columns:
+            columns.append(item)
     return columns
 
 
@@ -33,8 +29,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(cfg: Config, results: dict[str, dict]) -> str:
-    columns = _columns(cfg)
+def format_table(results: dict[str, dict], method_columns: list[tuple[str, str]]) -> str:
+    """One row per stage: its method, status and metrics; `method_columns` are the (metric key,
+    column name) pairs the chain's methods add (StageSpec.summary_metrics)."""
+    columns = _columns(method_columns)
     header = ["stage", "method", "status", *(title for _, title in columns)]
     rows = [
         [name, r["method"], r.get("status", "-"), *(_cell(r["metrics"].get(key)) for key, _ in columns)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.summary import markdown_table
+from posttrain.report.table import markdown_table
 
 # summary.json metric keys shown per stage, with their column names (also accepted in sweep.objective)
 METRICS = {

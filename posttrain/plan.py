@@ -1,0 +1,354 @@
+"""Can this run go: the composed config checked as a whole and the plan printed, before any data
+or model loads. `posttrain` (and `posttrain plan=true`) calls it on the head node; workers load
+the frozen config through `load_config` too, without the checks only the launch node can make.
+
+    cfg = load_config(tree)              # every section built and checked, plugins loaded
+    print(plan_text(cfg, stage_keys(cfg)))
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from posttrain import memory
+from posttrain.config import (
+    STAGE_PREFIX,
+    Config,
+    DataConfig,
+    DataSource,
+    DeepSpeedConfig,
+    LauncherConfig,
+    LoggerConfig,
+    ModelConfig,
+    PeftConfig,
+    RunConfig,
+    StageConfig,
+    SweepConfig,
+    build,
+    global_batch,
+    planned_world_size,
+    processes_per_node,
+    resolve_batches,
+    stage_peft,
+)
+from posttrain.data import formats
+from posttrain.errors import require
+from posttrain.launch import read_hostfile
+from posttrain.rewards import check_reward_spec
+from posttrain.stage_cache import StageIndex, place_stage
+from posttrain.stages import STAGES, load_plugins
+from posttrain.stages.base import check_trainer_args
+
+# --- the chain as a whole ---------------------------------------------------------------
+
+# the built-in data (and a data stage's pairs): which stage kinds it fits
+BUILTIN_KINDS = {"builtin:sft": ("sft", "prompt"), "builtin:preference": ("preference", "unpaired", "prompt")}
+PAIRS_KINDS = ("preference", "unpaired")
+
+
+def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
+    """Mistakes of the chain as a whole, found before anything loads: a reference given to a
+    reference-free method, a stage started from a reward model, data that does not fit a method,
+    QLoRA without a GPU."""
+    reward_models = {name for name, s in stages.items() if STAGES[s.method].model_kind == "reward"}
+    data_stages = {name for name, s in stages.items() if STAGES[s.method].model_kind == "none"}
+    previous, earlier = "base", ["base"]
+    for name, stage in stages.items():
+        spec = STAGES[stage.method]
+        if spec.uses_reward:
+            check_reward_spec(stage.reward, f"{name}.reward", [s for s in earlier if s in reward_models])
+        parent = previous if stage.init_from == "previous" else stage.init_from
+        require(
+            parent not in reward_models,
+            f"{name}.init_from",
+            f"{stage.init_from!r} is the reward model {parent!r}, which does not generate; "
+            f"start {stage.method} from one of: {', '.join(s for s in earlier if s not in reward_models)}",
+        )
+        if stage.reference is not None:
+            require(
+                spec.uses_reference,
+                f"{name}.reference",
+                f"{stage.method} is reference-free and takes no reference; remove {name}.reference "
+                f"(methods with one: {', '.join(m for m, s in STAGES.items() if s.uses_reference)})",
+            )
+            allowed = [s for s in earlier if s not in reward_models]
+            require(
+                stage.reference in allowed,
+                f"{name}.reference",
+                f"{stage.reference!r} is not a causal LM before {name!r}; allowed: {', '.join(allowed)}",
+            )
+        if spec.model_kind == "reward":  # evaluated by held-out reward accuracy; eval.exact_match is ignored
+            require(stage.eval.judge is None, f"{name}.eval.judge", "a reward model does not generate; set null")
+            bound = stage.gate.min_exact_match
+            require(bound is None, f"{name}.gate.min_exact_match", "a reward model does not generate; set null")
+        _check_data_fits(name, stage, spec.data_kind)
+        _check_stage_sources(name, stage, spec.data_kind, [s for s in earlier if s in data_stages])
+        if stage_peft(stage, peft) == "qlora":
+            _check_qlora(f"{name}.peft" if stage.peft else "peft.method")
+        previous = name
+        earlier.append(name)
+
+
+def _check_data_fits(name: str, stage: StageConfig, kind: str) -> None:
+    sources = stage.data.source_list()
+    for i, source in enumerate(sources):
+        key = f"{name}.data.sources[{i}]" if stage.data.sources else f"{name}.data"
+        fits = formats.KIND_FORMATS[kind]
+        if source.format != "auto":
+            require(
+                source.format in fits,
+                f"{key}.format",
+                f"{source.format!r} rows do not fit {stage.method} ({kind} data); allowed: {', '.join(fits)}",
+            )
+        kinds = BUILTIN_KINDS.get(source.path)
+        if kinds is not None:
+            other = next(p for p, k in BUILTIN_KINDS.items() if kind in k)
+            require(
+                kind in kinds,
+                f"{key}.path",
+                f"{source.path} is {kinds[0]} data and does not fit {stage.method} ({kind} data); use {other}",
+            )
+
+
+def _check_stage_sources(name: str, stage: StageConfig, kind: str, earlier_data_stages: list[str]) -> None:
+    """`stage:<name>` sources name an earlier data stage, and its pairs fit this method."""
+    for i, source in enumerate(stage.data.source_list()):
+        if not source.path.startswith(STAGE_PREFIX):
+            continue
+        key = f"{name}.data.sources[{i}].path" if stage.data.sources else f"{name}.data.path"
+        producer = source.path[len(STAGE_PREFIX) :]
+        allowed = ", ".join(STAGE_PREFIX + s for s in earlier_data_stages) or "none (add a pairs stage before it)"
+        require(producer in earlier_data_stages, key, f"{producer!r} is not an earlier data stage; allowed: {allowed}")
+        require(
+            kind in PAIRS_KINDS,
+            key,
+            f"{source.path} holds preference pairs, which {stage.method} ({kind} data) does not train on",
+        )
+
+
+def _check_qlora(key: str) -> None:
+    require(
+        importlib.util.find_spec("bitsandbytes") is not None,
+        key,
+        "qlora needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; on this machine use lora",
+    )
+    import torch
+
+    require(torch.cuda.is_available(), key, "qlora needs a CUDA GPU (4-bit NF4 weights); on this machine use lora")
+
+
+# --- the config as a whole ---------------------------------------------------------------
+
+
+def load_config(tree: dict, on_launch_node: bool = True) -> Config:
+    """Validate a composed config tree (plain dict, interpolations resolved) into a `Config`.
+
+    `on_launch_node`: also check what only the node that launches can see (the hostfile, its GPUs);
+    workers reading the frozen config on other nodes skip that."""
+    load_plugins()
+    tree = dict(tree)
+    tree.pop("hydra", None)
+    sections = {
+        "run": RunConfig,
+        "model": ModelConfig,
+        "data": DataConfig,
+        "peft": PeftConfig,
+        "deepspeed": DeepSpeedConfig,
+        "launcher": LauncherConfig,
+        "logger": LoggerConfig,
+        "sweep": SweepConfig,
+    }
+    built = {name: build(cls, tree.pop(name, {}) or {}, name) for name, cls in sections.items()}
+    run: RunConfig = built["run"]
+    stages: dict[str, StageConfig] = {}
+    allowed_methods = ", ".join(["none", *STAGES])
+    for name in run.stages:
+        require(name in tree, "run.stages", f"{name!r} has no config section; sections: {', '.join(tree) or 'none'}")
+        section = dict(tree.pop(name) or {})
+        method = section.get("method", "none")
+        if method == "none":
+            continue
+        require(method in STAGES, f"{name}.method", f"unknown method {method!r}; allowed: {allowed_methods}")
+        stage = build(STAGES[method].config_cls, section, name)
+        stage.validate(name)
+        check_trainer_args(STAGES[method], stage, name)
+        if STAGES[method].data_kind != "preference":
+            for bound in ("min_reward_accuracy", "min_reward_margin"):
+                require(getattr(stage.gate, bound) is None, f"{name}.gate.{bound}", f"{method} has no rewards")
+        allowed = ["base", "previous", *stages]
+        require(
+            stage.init_from in allowed,
+            f"{name}.init_from",
+            f"{stage.init_from!r} is not a stage that runs before {name!r}; allowed: {', '.join(allowed)}",
+        )
+        stages[name] = stage
+    for name, section in tree.items():
+        is_stage = isinstance(section, dict) and "method" in section
+        require(is_stage, name, f"unknown key; allowed: {', '.join([*sections, *run.stages])}")
+        require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
+    require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
+    check_chain(stages, built["peft"])
+    objective_stage = built["sweep"].objective.split(".")[0]
+    require(
+        objective_stage in ["base", *run.stages],
+        "sweep.objective",
+        f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
+    )
+    resolve_batches(stages, planned_world_size(built["launcher"]))
+    cfg = Config(stages=stages, **built)
+    if on_launch_node:
+        check_distributed(cfg)
+    return cfg
+
+
+def check_distributed(cfg: Config) -> None:
+    """Mistakes that would only crash on the cluster, found where the config is composed (the
+    checks of the chain and of each section ran already)."""
+    ds, launcher = cfg.deepspeed, cfg.launcher
+    if ds.stage == 3:
+        for name, stage in cfg.stages.items():
+            peft = stage_peft(stage, cfg.peft)
+            require(
+                peft == "none",
+                f"{name}.peft" if stage.peft else "peft.method",
+                f"{peft} under deepspeed.stage=3 is not supported: ZeRO-3 partitions the base weights that "
+                "4-bit loading and the LoRA merge need; use deepspeed=zero2 (or zero2_offload) for LoRA stages",
+            )
+    if launcher.name == "deepspeed" and launcher.hostfile:
+        path = Path(launcher.hostfile).expanduser()
+        require(path.is_file(), "launcher.hostfile", f"{path} does not exist")
+        hosts = read_hostfile(path)
+        require(bool(hosts), "launcher.hostfile", f"{launcher.hostfile} names no host (lines: `host slots=N`)")
+        require(
+            launcher.nnodes <= len(hosts),
+            "launcher.nnodes",
+            f"{launcher.nnodes} nodes but the hostfile {launcher.hostfile} names {len(hosts)}",
+        )
+        if launcher.gpus is not None:
+            short = [h for h, slots in hosts[: launcher.nnodes] if slots < launcher.gpus]
+            require(
+                not short,
+                "launcher.gpus",
+                f"{launcher.gpus} processes per node but {', '.join(short)} has fewer slots in {launcher.hostfile}",
+            )
+    if launcher.name != "local" and launcher.nnodes == 1 and not launcher.srun and launcher.gpus:
+        import torch
+
+        visible = torch.cuda.device_count()  # 0: CPU workers over gloo, any number
+        require(
+            not visible or launcher.gpus <= visible,
+            "launcher.gpus",
+            f"{launcher.gpus} processes but this node has {visible} GPUs; set launcher.gpus={visible} or fewer",
+        )
+    if launcher.name == "accelerate" and launcher.nnodes > 1:
+        require(
+            launcher.node_rank is not None or launcher.srun,
+            "launcher.node_rank",
+            "accelerate on several nodes needs this node's rank (or launcher.srun=true under Slurm)",
+        )
+
+
+# --- the plan --------------------------------------------------------------------------
+
+
+def describe_data(data: DataSource) -> str:
+    """`path [split]` of each source, with its weight or row count in a mixture."""
+    parts = []
+    for src in data.source_list():
+        share = f" x{src.weight:g}" if src.weight is not None else f" {src.rows} rows" if src.rows else ""
+        parts.append(f"{src.path} [{src.split}]{share}")
+    return " + ".join(parts)
+
+
+def plan_text(cfg: Config, keys: dict[str, str]) -> str:
+    """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
+    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", *plan_lines(cfg), "stages:"]
+    world = planned_world_size(cfg.launcher)
+    index = StageIndex(cfg.run.cache_path)
+    previous = "base"
+    # the stage whose model each stage hands on (a data stage hands on its parent's)
+    model_of = {"base": "base"}
+    for name, stage in cfg.stages.items():
+        spec = STAGES[stage.method]
+        parent = model_of[previous if stage.init_from == "previous" else stage.init_from]
+        model_of[name] = parent if spec.model_kind == "none" else name
+        micro, accum = stage.per_device_train_batch_size, stage.gradient_accumulation_steps
+        length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
+        reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
+        peft = stage_peft(stage, cfg.peft)
+        adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
+        reward = f", reward {stage.reward}" if spec.uses_reward else ""
+        if spec.make_data is not None:
+            lines.append(
+                f"  {name}: {stage.method} sampled from {parent}, {stage.num_samples} replies per prompt "
+                f"(temperature {stage.temperature:g}, up to {stage.max_new_tokens} tokens){reward}, "
+                f"prompts {describe_data(stage.data)}"
+            )
+        else:
+            lines.append(
+                f"  {name}: {stage.method} from {parent}{reference}{adapters}{reward}, "
+                f"data {describe_data(stage.data)}, lr {stage.learning_rate:g}, "
+                f"batch {micro} x {accum} accumulation x {world} processes = {global_batch(stage, world)} per step, "
+                f"{length}"
+            )
+            if stage.activation_checkpointing == "auto" and memory.gpu_memory() is not None:
+                on, why = memory.activation_checkpointing(stage, cfg, spec.data_kind, local_only=world == 1)
+                lines.append(f"    activation checkpointing: {'on' if on else 'off'} ({why})")
+        placement = place_stage(name, keys[name], cfg, index)
+        where = {
+            "reuse": f"reuse complete {placement.folder}",
+            "resume": f"resume {placement.checkpoint}",
+            "train": "train",
+        }[placement.action]
+        lines.append(f"    key {keys[name]}: {where}")
+        previous = name
+    return "\n".join(lines)
+
+
+def plan_lines(cfg: Config) -> list[str]:
+    """The launch, DeepSpeed and memory lines of `posttrain plan=true`."""
+    launcher, ds = cfg.launcher, cfg.deepspeed
+    world = planned_world_size(launcher)
+    per_node = processes_per_node(launcher)
+    how = " (srun on every node)" if launcher.srun else ""
+    lines = [f"launch: {launcher.name}{how}, {launcher.nnodes} node(s) x {per_node} process(es) = {world}"]
+    if ds.stage is None:
+        lines.append("deepspeed: none" + (" (DDP: every process holds the whole model)" if world > 1 else ""))
+    else:
+        offload = [name for name, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param)) if on]
+        lines.append(f"deepspeed: ZeRO-{ds.stage}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else ""))
+    return lines + memory_lines(cfg, world, per_node)
+
+
+def whole_model_bytes(cfg: Config) -> tuple[float, str]:
+    """stage_bytes_per_parameter of the chain's heaviest trained stage."""
+    trained = [s for s in cfg.stages.values() if STAGES[s.method].make_trainer is not None]
+    most = max((memory.stage_bytes_per_parameter(s, cfg) for s in trained), default=None)
+    return most or (16.0, "fp32 weights, gradients, Adam")
+
+
+def memory_lines(cfg: Config, world: int, per_node: int) -> list[str]:
+    """The memory lines of `posttrain plan=true`: model states per GPU, and a hint when they
+    exceed this machine's GPU."""
+    ds = cfg.deepspeed
+    # one plain process: an estimate only from a config already on this machine (no hub request)
+    alone = world == 1 and ds.stage is None
+    try:
+        total, largest = memory.parameter_counts(memory.model_config(cfg.model, local_only=alone))
+    except (OSError, ValueError) as e:  # a hub id offline, a folder without config.json
+        return [] if alone else [f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})"]
+    whole, what = whole_model_bytes(cfg)
+    gpu, cpu = memory.memory_per_gpu(ds, total, largest, per_node, cfg.launcher.nnodes, whole)
+    basis = f"DeepSpeed's estimate for ZeRO-{ds.stage}" if ds.stage else f"{whole:g} bytes per parameter: {what}"
+    if ds.stage == 1:
+        basis += " (its ZeRO-2 formula: ZeRO-1 also keeps whole gradients)"
+    on_cpu = f", CPU per node {memory.gib(cpu)}" if ds.stage else ""
+    states = f"model states per GPU {memory.gib(gpu)}{on_cpu} ({basis}; activations come on top)"
+    lines = [f"memory: {memory.count(total)} parameters; {states}"]
+    if (capacity := memory.gpu_memory()) and gpu > capacity:
+        lines.append(
+            f"memory: more than this GPU's {memory.gib(capacity)}; model.dtype=bfloat16 (8 bytes per parameter), "
+            "peft=lora (2), or deepspeed=zero3 over several GPUs"
+        )
+    return lines
