@@ -221,7 +221,7 @@ def help_text(overrides: list[str]) -> str:
 
     conf = Path(config_dir())
     texts = yaml.safe_load((conf / "config.yaml").read_text())["hydra"]["help"]
-    groups = sorted(d.name for d in conf.iterdir() if d.is_dir() and d.name != "hydra")
+    groups = sorted(d.name for d in conf.iterdir() if d.is_dir() and d.name not in ("hydra", "shared"))
     repo = config_repository()  # options of installed packages' search paths too
     options = [f"{g}: {', '.join(repo.get_group_options(g, results_filter=ObjectType.CONFIG))}" for g in groups]
     with initialize_config_dir(config_dir=str(conf), version_base="1.3", job_name="posttrain"):

@@ -131,9 +131,9 @@ class TaskSpec:
     """What the generator makes: `data.builtin` in conf/data/tiny.yaml."""
 
     tasks: tuple[str, ...] = ("add", "reverse", "sort", "count")
-    num_sft: int = 4000
-    num_preference: int = 2000
-    num_test: int = 200
+    num_sft: int = 8000
+    num_preference: int = 4000
+    num_test: int = 400
     max_number: int = 49
     max_letters: int = 5
     max_items: int = 6

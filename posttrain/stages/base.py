@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class OnlineStageConfig(StageConfig):
-    """What every stage that samples replies from its model and scores them has."""
+    """What every stage that samples replies from its model and scores them has (the defaults
+    of conf/shared/online.yaml)."""
 
     # who scores the replies: builtin (the built-in tasks' checker), an earlier rm stage's name
     # (or a folder holding a reward model), or module:function(prompts, completions) -> floats

@@ -15,6 +15,10 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 
 @dataclass
 class CPOStageConfig(StageConfig):
+    # defaults (conf/align/cpo.yaml holds the same)
+    method: str = "cpo"
+    init_from: str = "sft"
+    learning_rate: float = 1e-6
     # beta: temperature of the preference loss
     beta: float = 0.1
     loss_type: str = "sigmoid"

@@ -22,11 +22,15 @@ LOSS_TYPES = (
 
 @dataclass
 class DPOStageConfig(StageConfig):
+    # defaults (conf/align/dpo.yaml holds the same)
+    method: str = "dpo"
+    init_from: str = "sft"
+    learning_rate: float = 5e-7
     # inverse temperature of the implicit reward; higher keeps the policy closer to the reference
     beta: float = 0.1
     # TRL loss types, summed with loss_weights
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"])
+    loss_weights: list[float] | None = field(default_factory=lambda: [1.0, 1.0])
     # the reference's log-probs computed once before training and kept on disk beside the
     # reference (reused by later stages and sweep points); false: a reference forward per step
     precompute_ref_log_probs: bool = True

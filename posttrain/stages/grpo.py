@@ -21,12 +21,20 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 @dataclass
 class GRPOStageConfig(OnlineStageConfig):
+    # defaults (conf/align/grpo.yaml holds the same)
+    method: str = "grpo"
+    init_from: str = "sft"
+    learning_rate: float = 1e-6
+    # sampled replies per device per step (whole groups)
+    per_device_train_batch_size: int = 64
+    # unused (GRPO cuts no prompt); the value its stage keys were made with
+    max_length: int | None = 1024
     # replies sampled per prompt (the group); per_device_train_batch_size counts replies
     num_generations: int = 8
     # KL coefficient to the parent (the reference); 0 loads no reference model
     beta: float = 0.0
     # longest sampled reply, in tokens
-    max_completion_length: int = 64
+    max_completion_length: int = 256
     # PPO-style clipping of the policy ratio
     epsilon: float = 0.2
     # policy updates per generated batch (1: on-policy, the ratio is 1)

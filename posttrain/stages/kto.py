@@ -18,6 +18,10 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 @dataclass
 class KTOStageConfig(StageConfig):
+    # defaults (conf/align/kto.yaml holds the same)
+    method: str = "kto"
+    init_from: str = "sft"
+    learning_rate: float = 5e-7
     # beta: how far the policy may move from the reference (higher: closer)
     beta: float = 0.1
     # lambda_D / lambda_U in the paper: weights of desirable and undesirable replies; the

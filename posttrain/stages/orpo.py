@@ -12,6 +12,10 @@ from posttrain.stages.base import StageSpec, TrainerInputs
 
 @dataclass
 class ORPOStageConfig(StageConfig):
+    # defaults (conf/align/orpo.yaml holds the same)
+    method: str = "orpo"
+    init_from: str = "sft"
+    learning_rate: float = 8e-6
     # lambda in the paper: weight of the odds-ratio term against the SFT loss
     beta: float = 0.1
 

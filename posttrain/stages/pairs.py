@@ -34,9 +34,15 @@ SPLITS = ("train", "test")
 
 @dataclass
 class PairsStageConfig(OnlineStageConfig):
+    # defaults (conf/pairs/onpolicy.yaml holds the same)
+    method: str = "pairs"
+    checkpoint_steps: int = 50
+    # unused by a data stage; the values its stage keys were made with
+    max_length: int | None = 1024
+    warmup_steps: float = 0.0
     # replies sampled per prompt (k); the best and the worst become a pair
     num_samples: int = 8
-    max_new_tokens: int = 64
+    max_new_tokens: int = 256
     # prompts per generate() call (each gives num_samples replies)
     generation_batch_size: int = 32
     # a prompt gives a pair only when best - worst > min_gap (0: every untied prompt)

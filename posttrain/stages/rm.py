@@ -16,6 +16,9 @@ from posttrain.stages.base import StageSpec, TrainerInputs
 
 @dataclass
 class RMStageConfig(StageConfig):
+    # defaults (conf/align/rm.yaml holds the same)
+    method: str = "rm"
+    init_from: str = "sft"
     # weight of the penalty pulling the mean reward to 0 (Eisenstein et al. 2023); null: none
     center_rewards_coefficient: float | None = None
 

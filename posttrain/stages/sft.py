@@ -10,6 +10,10 @@ from posttrain.stages.base import StageSpec, TrainerInputs
 
 @dataclass
 class SFTStageConfig(StageConfig):
+    # defaults (conf/sft/default.yaml holds the same)
+    method: str = "sft"
+    init_from: str = "base"
+    learning_rate: float = 2e-5
     # loss on assistant replies only (needs a chat template with a generation block)
     assistant_only_loss: bool = True
     # pack several conversations into one row (BFD; attention stays within each conversation)

@@ -14,6 +14,8 @@ from posttrain.stages.base import StageSpec
 
 @dataclass
 class SimPOStageConfig(cpo.CPOStageConfig):
+    # defaults (conf/align/simpo.yaml holds the same)
+    method: str = "simpo"
     # beta: reward scale (the paper uses 2.0-10.0; its gamma/beta ratio matters most)
     beta: float = 2.0
     loss_type: str = "simpo"
