@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from posttrain.data.builtin import TaskSpec, write_tasks
 from tests.conftest import FAST, run_posttrain
 
@@ -51,6 +53,7 @@ def users_files(folder):
     )
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_mixture_of_user_formats_trains_end_to_end(tmp_path, cache_dir):
     sharegpt, alpaca, hh, pairs = users_files(tmp_path)
     out = tmp_path / "run"

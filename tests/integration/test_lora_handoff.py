@@ -131,6 +131,7 @@ def test_both_policies_give_dpo_the_same_reference_log_probs(handoff_run):
         assert torch.allclose(torch.tensor(merge[column]), torch.tensor(stack[column]), atol=1e-3)
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_killed_stacked_stage_resumes_to_the_same_adapter(handoff_run, tmp_path):
     """kill -9 after the DPO stage's first checkpoint; the re-run resumes the new adapter (not a
     frozen one, as transformers' own PEFT resume would) and ends with the uninterrupted weights."""

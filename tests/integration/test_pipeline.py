@@ -135,6 +135,7 @@ def test_changed_config_into_a_finished_folder_is_refused(finished_run, cache_di
     assert (out / "align" / "manifest.json").read_text() == before
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_lora_adapters_are_merged_into_plain_models(cache_dir, tmp_path):
     out = tmp_path / "run"
     proc = posttrain("peft=lora", "peft.r=8", f"run.output_dir={out}", *FAST, cache_dir=cache_dir)

@@ -152,6 +152,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(reference, tmp_path):
         assert _max_difference(out / stage, reference / stage) <= TOLERANCE, stage
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_same_command_with_the_default_timestamped_folder_resumes_where_it_stopped(tmp_path):
     """Without run.output_dir each run gets a new folder: the re-run finds the stopped stage by its key."""
     argv, env = posttrain_argv(*FAST, *CHECKPOINTS, cache_dir=tmp_path / "cache")
@@ -172,6 +173,7 @@ def test_same_command_with_the_default_timestamped_folder_resumes_where_it_stopp
     assert _manifest(first / "align")["status"] == "complete"
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_changed_config_does_not_resume_an_incompatible_checkpoint(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
     proc = _start(out, cache, log=tmp_path / "log.txt")
@@ -216,6 +218,7 @@ def test_concurrent_run_into_the_same_folder_is_refused(tmp_path):
         first.wait()
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_damaged_or_unfinished_artifacts_are_not_reused(reference, tmp_path):
     """A copy of the reference run's cache index, pointing at copies we break on purpose."""
     cache = tmp_path / "cache"
@@ -252,6 +255,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_a_failed_save_is_one_error_and_leaves_earlier_stages_intact(reference, tmp_path):
     first, out, cache = reference, tmp_path / "run", tmp_path / "cache"
     shutil.copytree(reference.parent / "cache", cache, symlinks=True)  # its index points at the reference run

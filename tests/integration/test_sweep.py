@@ -99,6 +99,7 @@ def test_gate_stops_the_chain_with_one_line(tmp_path):
     ]
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_optuna_search_picks_the_best_trial_by_the_named_metric(sweep, tmp_path):
     from omegaconf import OmegaConf
 

@@ -67,6 +67,7 @@ def test_wandb_offline_writes_one_run_per_stage_with_group_and_job_type(tmp_path
     assert runs == [("run", "sft", "posttrain"), ("run", "align", "posttrain")]
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_tensorboard_writes_event_files_per_stage(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -33,6 +33,7 @@ def test_large_datasets_are_tokenized_on_every_core_of_this_rank(monkeypatch):
     assert tokenization_processes(STAGES["sft"], stage("sft"), rows) == {}
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkeypatch, tmp_path, cache_dir):
     """As on a GPU with bf16 units (bf16 autocast, here on the CPU): a full fine-tune trains fp32
     weights and hands on a plain bf16 model, as a bf16 trainer would; LoRA, float32 and bfloat16

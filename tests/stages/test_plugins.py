@@ -103,6 +103,7 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # an end-to-end run of 20-40 s: CI runs it with `pytest -m slow`
 def test_a_method_from_another_package_trains_as_a_stage(tmp_path, cache_dir):
     site = install(tmp_path / "site", "sft_frozen_embeddings = frozen_embeddings:STAGE")
     out = tmp_path / "run"
