@@ -7,14 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.curate import FILTERS
 from posttrain.report.table import markdown_table
 
 
 def format_report(stage: str, report: dict[str, Any]) -> str:
     """One stage's report as a markdown table (a column per filter that removed rows) and a line
     on token lengths."""
-    filters = [f for f in FILTERS if report["removed"].get(f)]
+    filters = [f for f, count in report["removed"].items() if count]  # in curation's order
     header = ["source", "format", "loaded", "held out", *(f"- {f}" for f in filters), "kept", "used"]
     rows = [
         [s["source"], s["format"], s["loaded"], s["held_out"], *(s["removed"].get(f, 0) for f in filters),

@@ -64,7 +64,7 @@ def user_rewards(tmp_path, monkeypatch):
         "my_rewards",
         """
             import json, os, pathlib
-            from posttrain.data.builtin import builtin_reward
+            from posttrain.rewards import builtin_reward
             CALLS = pathlib.Path(__file__).with_name("calls.jsonl")
 
             def checked(prompts, completions):
