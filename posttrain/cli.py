@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain.artifacts import GateError, read_json, read_manifest
 from posttrain.config import Config, config_dir
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import ConfigError, PosttrainError, unknown_key
 from posttrain.launch import run_workers, stop_file
 from posttrain.locks import FileLock
 from posttrain.pipeline import check_writable, run_pipeline
-from posttrain.plan import load_config, plan_text
+from posttrain.plan import check_references, load_config, plan_text
 from posttrain.preemption import EXIT_PREEMPTED, Preempted
 from posttrain.report import show
 from posttrain.report.sweep import objective_value, write_report
@@ -63,6 +64,51 @@ def unknown_option(args: list[str]) -> str | None:
             if option not in allowed and option != "null":
                 return f"{group}={option}: no such option of {group}; allowed: {', '.join(allowed)}"
     return None
+
+
+def hydra_error(error: Exception, args: list[str]) -> str:
+    """One line for a command line Hydra could not compose: the key an override names that the
+    config lacks (with the closest keys), the argument it cannot parse, or its own first line."""
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = error.__cause__
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
+        siblings = [str(k) for k in cause.parent_node] if isinstance(cause.parent_node, DictConfig) else []
+        if siblings:
+            return f"{cause.full_key}: {unknown_key(str(cause.key), siblings)}"
+        parent = cause.full_key.rpartition(".")[0]
+        raw = _raw_value(parent, [a for a in args if not a.lstrip("+~").startswith(cause.full_key)])
+        if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}"):  # `sft.data: ${data.sft}`
+            target = f"{raw[2:-1]}.{cause.key}"
+            whole = f"{parent}={{{cause.key}: ...}}"
+            return f"{cause.full_key}: {parent} is {raw}; set {target} instead (or all of it: {whole})"
+        return f"{cause.full_key}: not in the config; add it with +{cause.full_key}=..."
+    if isinstance(error, OverrideParseException):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        for arg in args:
+            try:
+                parser.parse_overrides([arg])
+            except OverrideParseException as e:
+                return f"{arg}: cannot be parsed ({str(e).splitlines()[0]}); quote values with [ ] , = or spaces"
+    return str(error).strip().splitlines()[0]
+
+
+def _raw_value(key: str, overrides: list[str]):
+    """The value at `key` of the config these overrides compose, interpolations unresolved (None
+    when they do not compose)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="posttrain"):
+            tree = OmegaConf.to_container(compose("config", overrides=overrides), resolve=False)
+    except Exception:  # a sweep or another mistake: the caller says what it can without it
+        return None
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _in_sweep() -> bool:
@@ -144,9 +190,10 @@ def run(tree: DictConfig) -> dict | None:
     """
     try:
         cfg, container = load(tree)
+        notes = check_references(cfg)
         keys = stage_keys(cfg)
         check_run_folder(cfg, keys)
-        print(plan_text(cfg, keys), flush=True)
+        print(plan_text(cfg, keys, notes), flush=True)
         if cfg.run.plan:
             return None
         out = cfg.run.output_path
@@ -250,7 +297,16 @@ def main() -> None:
         print(help_text([a for a in args if a not in ("--help", "-h")]))
         return
     sys.argv = [sys.argv[0], *args]
-    _hydra_main()
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own report
+        _hydra_main()
+        return
+    from hydra.errors import HydraException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its multi-line report
+    try:
+        _hydra_main()
+    except HydraException as e:
+        sys.exit(f"error: {hydra_error(e, [a for a in args if not a.startswith('-')])}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.builtin import TaskSpec
-from posttrain.errors import ConfigError, require
+from posttrain.errors import ConfigError, require, unknown_key
 
 __all__ = ["ConfigError", "require"]  # re-exported: plugins raise posttrain.config.ConfigError
 
@@ -627,6 +627,6 @@ def build(cls: type, data: dict, key: str = "") -> Any:
     prefix = f"{key}." if key else ""
     for name in data:
         if name not in fields:
-            raise ConfigError(f"{prefix}{name}: unknown key; allowed: {', '.join(sorted(fields))}")
+            raise ConfigError(f"{prefix}{name}: {unknown_key(name, sorted(fields))}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)

@@ -8,6 +8,8 @@ PosttrainError once and print `error: <message>`.
 
 from __future__ import annotations
 
+import difflib
+
 
 class PosttrainError(Exception):
     """A mistake or failure told to the user as one line (no traceback)."""
@@ -20,3 +22,11 @@ class ConfigError(PosttrainError, ValueError):
 def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def unknown_key(name: str, allowed: list[str]) -> str:
+    """What to say of a key that is not among `allowed`: the closest ones, else all of them."""
+    close = difflib.get_close_matches(name, allowed, n=3, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {' or '.join(close)}?"
+    return f"unknown key; allowed: {', '.join(sorted(allowed))}"

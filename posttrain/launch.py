@@ -39,8 +39,12 @@ ON_EACH_NODE = f'trap "" USR1; exec "${{@//{NODE_RANK}/$SLURM_NODEID}}"'
 
 def read_hostfile(path: Path) -> list[tuple[str, int]]:
     """(host, slots) per line of a DeepSpeed/MPI hostfile (`worker-1 slots=8`; # comments)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"launcher.hostfile: {path} is not a text file of `host slots=N` lines") from None
     hosts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

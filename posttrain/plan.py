@@ -9,9 +9,10 @@ the frozen config through `load_config` too, without the checks only the launch 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
-from posttrain import memory
+from posttrain import hub, memory
 from posttrain.config import (
     STAGE_PREFIX,
     Config,
@@ -33,9 +34,11 @@ from posttrain.config import (
     stage_peft,
 )
 from posttrain.data import formats
-from posttrain.errors import require
+from posttrain.data.formats import DataError
+from posttrain.data.load import check_source
+from posttrain.errors import ConfigError, require, unknown_key
 from posttrain.launch import read_hostfile
-from posttrain.rewards import check_reward_spec
+from posttrain.rewards import check_reward_spec, import_function
 from posttrain.stage_cache import StageIndex, place_stage
 from posttrain.stages import STAGES, load_plugins
 from posttrain.stages.base import check_trainer_args
@@ -78,6 +81,8 @@ def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
                 f"{name}.reference",
                 f"{stage.reference!r} is not a causal LM before {name!r}; allowed: {', '.join(allowed)}",
             )
+        if stage.eval.judge not in (None, "exact_match"):
+            import_function(stage.eval.judge, f"{name}.eval.judge")
         if spec.model_kind == "reward":  # evaluated by held-out reward accuracy; eval.exact_match is ignored
             require(stage.eval.judge is None, f"{name}.eval.judge", "a reward model does not generate; set null")
             bound = stage.gate.min_exact_match
@@ -185,7 +190,7 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
         stages[name] = stage
     for name, section in tree.items():
         is_stage = isinstance(section, dict) and "method" in section
-        require(is_stage, name, f"unknown key; allowed: {', '.join([*sections, *run.stages])}")
+        require(is_stage, name, unknown_key(name, [*sections, *run.stages]))
         require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
     require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
     check_chain(stages, built["peft"])
@@ -217,6 +222,7 @@ def check_distributed(cfg: Config) -> None:
             )
     if launcher.name == "deepspeed" and launcher.hostfile:
         path = Path(launcher.hostfile).expanduser()
+        require(not path.is_dir(), "launcher.hostfile", f"{path} is a folder; give the hostfile in it")
         require(path.is_file(), "launcher.hostfile", f"{path} does not exist")
         hosts = read_hostfile(path)
         require(bool(hosts), "launcher.hostfile", f"{launcher.hostfile} names no host (lines: `host slots=N`)")
@@ -249,6 +255,55 @@ def check_distributed(cfg: Config) -> None:
         )
 
 
+# --- what the config refers to ------------------------------------------------------------
+
+
+def check_references(cfg: Config) -> list[str]:
+    """Everything the config names on disk or on the hub, checked on the launch node before any
+    data or model loads: the folders the run writes, the model, every local data file (opened,
+    every row checked), the hub (asked once). Returns notes for the plan."""
+    check_writable_folder(cfg.run.output_path, "run.output_dir")
+    check_writable_folder(cfg.run.cache_path, "run.cache_dir")
+    notes = _check_model(cfg)
+    for name, stage in cfg.stages.items():
+        for source in stage.data.source_list():
+            try:
+                check_source(source, STAGES[stage.method].data_kind)
+            except DataError as e:
+                raise DataError(f"{name}.data: {e}") from None
+            if hub.is_hub_id(source.path) and not (online := hub.reachable())[0]:
+                notes.append(f"{name}.data: {source.path} is read from the datasets cache ({online[1]})")
+    return notes
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """A folder the run will create or write into: it, or its nearest existing parent, is a writable folder."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot create {folder}: {existing} is not a writable folder")
+
+
+def _check_model(cfg: Config) -> list[str]:
+    """The base model: a folder holding config.json, or a hub id the hub or the cache can give."""
+    path, local = cfg.model.path, Path(cfg.model.path).expanduser()
+    if path.startswith("builtin:"):
+        return []
+    if local.is_file():
+        raise ConfigError(f"model.path: {path} is a file; give the model's folder (config.json, weights) or a hub id")
+    if local.is_dir():
+        require((local / "config.json").is_file(), "model.path", f"{path} holds no config.json; not a model folder")
+        return []
+    online, why = hub.reachable()
+    if online:
+        return []
+    if hub.cached(path, cfg.model.revision):
+        return [f"model.path: {path} from the local hub cache ({why})"]
+    missing = f"{path!r} is not in the local hub cache and the hub cannot be reached ({why})"
+    if cfg.run.plan:
+        return [f"model.path: {missing}: a run would stop here"]
+    raise ConfigError(f"model.path: {missing}; download it first (huggingface-cli download {path}) or give a folder")
+
+
 # --- the plan --------------------------------------------------------------------------
 
 
@@ -261,9 +316,11 @@ def describe_data(data: DataSource) -> str:
     return " + ".join(parts)
 
 
-def plan_text(cfg: Config, keys: dict[str, str]) -> str:
-    """The stage chain as it will run, one line per stage, and which stages are reused or resumed."""
-    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", *plan_lines(cfg), "stages:"]
+def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, ...] = ()) -> str:
+    """The stage chain as it will run, one line per stage, and which stages are reused or resumed;
+    `notes` (from check_references) under the run folder."""
+    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", *(f"note: {n}" for n in notes)]
+    lines += [*plan_lines(cfg), "stages:"]
     world = planned_world_size(cfg.launcher)
     index = StageIndex(cfg.run.cache_path)
     previous = "base"

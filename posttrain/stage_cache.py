@@ -25,7 +25,7 @@ from posttrain import artifacts, rewards
 from posttrain.artifacts import hash_json
 from posttrain.config import STAGE_PREFIX, Config, ConfigError, DataSource, ModelConfig, StageConfig, planned_world_size
 from posttrain.data.builtin import GENERATOR_VERSION, TaskSpec
-from posttrain.data.load import data_files
+from posttrain.data.files import data_files
 from posttrain.stages import PLUGINS, STAGES
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.

@@ -273,7 +273,7 @@ def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> f
 
     transformers averages only the steps after the resume; the steps before it come from the
     logged losses (each the mean of its logging interval), exact when the checkpoint step is
-    a multiple of logging_steps.
+    a multiple of logging_steps; with none logged before the checkpoint, the resumed steps' mean.
     """
     resumed_at = artifacts.checkpoint_step(checkpoint)
     total, covered = 0.0, 0
@@ -281,7 +281,9 @@ def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> f
         if "loss" in record and covered < record["step"] <= resumed_at:
             total += record["loss"] * (record["step"] - covered)
             covered = record["step"]
-    if 0 < covered < resumed_at:  # steps after the last log before the checkpoint: their mean is unknown
+    if covered == 0:  # nothing was logged before the checkpoint: the resumed steps' mean stands for all
+        return result.training_loss
+    if covered < resumed_at:  # steps after the last log before the checkpoint: their mean is unknown
         total += total / covered * (resumed_at - covered)
     after = result.global_step - resumed_at
     return (total + result.training_loss * after) / max(result.global_step, 1)
@@ -383,6 +385,7 @@ def run_stage(
             timings[f"train:{run.name}"] = time.time() - started
             if metrics.get("stopped"):
                 checkpoint = artifacts.last_checkpoint(run.folder)
+                attempts[-1]["ended"] = time.time()  # stopped here: `posttrain show` counts its time
                 if main:
                     manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
                     artifacts.write_json_atomic(manifest_path, manifest)
@@ -426,6 +429,7 @@ def run_stage(
         raise
     except BaseException as e:
         if main:
+            attempts[-1]["ended"] = time.time()
             failed = stage_manifest(run, cfg, "failed", attempts=attempts, error=f"{type(e).__name__}: {e}"[:2000])
             with contextlib.suppress(OSError):
                 artifacts.write_json_atomic(manifest_path, failed)

@@ -94,15 +94,19 @@ def test_unknown_trainer_arg_is_caught_at_plan_time():
     assert proc.stderr.strip() == "error: sft.trainer_args.warmup_ratoi: not a field of TRL's SFTConfig"
 
 
-def test_unreachable_hub_model_is_one_line(tmp_path):
+def test_a_hub_model_that_is_neither_reachable_nor_cached_stops_the_run_at_plan_time(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", "model=qwen2_5_0_5b", f"run.output_dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: model.path: could not load a tokenizer from 'Qwen/Qwen2.5-0.5B'"), proc.stderr
+    env["HF_HUB_CACHE"] = str(tmp_path / "hub")  # an empty hub cache
+    argv = [sys.executable, "-m", "posttrain.cli", "model=qwen2_5_0_5b", f"run.output_dir={tmp_path / 'run'}"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1
+    assert run.stderr.strip() == (
+        "error: model.path: 'Qwen/Qwen2.5-0.5B' is not in the local hub cache and the hub cannot be reached "
+        "(HF_HUB_OFFLINE=1); download it first (huggingface-cli download Qwen/Qwen2.5-0.5B) or give a folder"
+    )
+    plan = subprocess.run([*argv, "plan=true"], capture_output=True, text=True, timeout=300, env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "note: model.path: 'Qwen/Qwen2.5-0.5B' is not in the local hub cache" in plan.stdout
 
 
 def test_sweep_gives_each_job_its_own_run_folder(tmp_path):

@@ -156,6 +156,11 @@ def test_whole_run_loss_extrapolates_steps_logged_after_the_checkpoint_interval(
     assert loss == pytest.approx((before + before / 4 * 1 + 0.4 * 5) / 10)
 
 
+def test_whole_run_loss_without_a_log_before_the_checkpoint_is_the_resumed_steps_mean():
+    # logging_steps 10, preempted at step 7: no loss was logged before the checkpoint
+    assert whole_run_train_loss([], Path("checkpoint-7"), result(20, 1.0)) == pytest.approx(1.0)
+
+
 def test_whole_run_loss_of_an_uninterrupted_interval_equals_the_plain_mean():
     history = [{"step": 3, "loss": 0.7}]
     assert whole_run_train_loss(history, Path("checkpoint-3"), result(6, 0.7)) == pytest.approx(0.7)

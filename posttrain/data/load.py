@@ -10,13 +10,13 @@ one line naming the file, row and field, raised before any model is loaded.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.data import curate, formats, mixture
+from posttrain.data import curate, files, formats, mixture
+from posttrain.data.files import FILE_BUILDERS, Origin, file_type
 from posttrain.data.formats import DataError, FormatError
 
 if TYPE_CHECKING:
@@ -24,18 +24,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from posttrain.config import DataSource, SourceConfig
-
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
-
-
-def file_type(f: Path) -> str:
-    """`.jsonl` of `train.jsonl.gz`: the suffix that picks the builder (compression is read through)."""
-    suffixes = f.suffixes
-    if len(suffixes) > 1 and suffixes[-1] in COMPRESSED:
-        return suffixes[-2]
-    return f.suffix
-
 
 __all__ = ["DataError", "StageData", "load_stage_data"]
 
@@ -52,97 +40,7 @@ class StageData:
     lengths: list[int] = field(default_factory=list)
 
 
-# --- where a row is -------------------------------------------------------------------------
-
-
-@dataclass
-class Origin:
-    """A loaded split and where its rows live, to name a row in an error message."""
-
-    label: str
-    files: list[Path] = field(default_factory=list)
-
-    def where(self, index: int) -> str:
-        """`data/chat.jsonl line 18`, or `org/name [train] row 17 (0-based)`."""
-        for f in self.files:
-            positions = _row_positions(f)
-            if positions is None:
-                break
-            if index < len(positions):
-                return f"{f} {positions[index]}"
-            index -= len(positions)
-        return f"{self.label} row {index} (0-based)"
-
-
-def _row_positions(f: Path) -> list[str] | None:
-    """Each row's position in a local file (error path only: reads the file)."""
-    if _is_json_lines(f):
-        with f.open() as lines:
-            return [f"line {n}" for n, line in enumerate(lines, 1) if line.strip()]
-    if f.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [f"row {i} (0-based)" for i in range(pq.ParquetFile(f).metadata.num_rows)]
-    return None
-
-
-def _is_json_lines(f: Path) -> bool:
-    """An uncompressed .json/.jsonl file holding one object per line (not one JSON array)."""
-    if f.suffix not in (".json", ".jsonl"):
-        return False
-    with f.open() as text:
-        return not text.read(1000).lstrip().startswith("[")
-
-
-def _scan_json_lines(f: Path) -> list[dict]:
-    """Parse a JSON-lines file line by line: a malformed line becomes a DataError naming it."""
-    rows = []
-    with f.open() as lines:
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{f} line {n}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
 # --- loading one split -------------------------------------------------------------------------
-
-
-def _split_files(folder: Path, split: str) -> list[Path]:
-    """Files named after a split (`test_sft.jsonl`, `data/train_sft-00000-of-00003.parquet`), one type."""
-    found = sorted(
-        f for f in [*folder.glob(f"{split}[.-]*"), *folder.glob(f"data/{split}[.-]*")] if file_type(f) in FILE_BUILDERS
-    )
-    return [f for f in found if FILE_BUILDERS[file_type(f)] == FILE_BUILDERS[file_type(found[0])]]
-
-
-SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
-
-
-def data_files(folder: Path) -> list[Path]:
-    """Every file under `folder` that a builder reads, sorted."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and file_type(f) in FILE_BUILDERS)
-
-
-def _folder_files(folder: Path, split: str) -> list[Path]:
-    """The files of one split of a local folder: named after the split, or, in a folder of
-    plain data files with no split names and no dataset card, all of them as `train`."""
-    if files := _split_files(folder, split):
-        return files
-    found = data_files(folder)
-    named = any(f.name.startswith(SPLIT_NAMES) for f in found)
-    if split != "train" or named or (folder / "README.md").exists() or not found:
-        return []  # a hub-style folder: datasets reads its card
-    types = sorted({FILE_BUILDERS[file_type(f)] for f in found})
-    if len(types) > 1:
-        raise DataError(f"{folder}: holds {' and '.join(types)} files; keep one type per folder, or list each file")
-    return found
 
 
 def _csv_as_text(f: Path) -> dict[str, Any]:
@@ -168,50 +66,63 @@ def load_split(path: str, src: SourceConfig, split: str, kind: str) -> tuple[Dat
     from datasets.exceptions import DatasetGenerationError
 
     local = Path(path).expanduser()
-    files: list[Path] = []
-    if local.is_file():
-        if file_type(local) not in FILE_BUILDERS:
-            allowed = ", ".join(FILE_BUILDERS)
-            raise DataError(f"{path}: unsupported file type {file_type(local)!r}; allowed: {allowed} (also gzipped)")
-        files = [local]
-    elif local.is_dir():
-        files = _folder_files(local / src.data_dir if src.data_dir else local, split)
+    found = files.split_files(local, src.data_dir, split) if local.exists() else []
+    for f in found:
+        if files.is_empty(f):
+            raise DataError(f"{f}: is empty (no rows)")
     try:
-        if files:
-            builder = FILE_BUILDERS[file_type(files[0])]
-            kwargs = _csv_as_text(files[0]) if builder == "csv" else {}
-            ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        if found:
+            builder = FILE_BUILDERS[file_type(found[0])]
+            kwargs = _csv_as_text(found[0]) if builder == "csv" else {}
+            ds = load_dataset(builder, data_files=[str(f) for f in found], split="train", **kwargs)
         else:
             where = str(local) if local.is_dir() else path
             ds = load_dataset(where, name=src.name, data_dir=src.data_dir, split=split, revision=src.revision)
     except DatasetGenerationError as e:
-        _explain_load_failure(files, src, kind)
+        _explain_load_failure(found, src, kind)
         raise DataError(f"{path}: could not load ({_first_line(e.__cause__ or e)})") from None
     except ValueError as e:
         if "split" in str(e).lower():
             raise DataError(f"{path}: has no split {split!r} ({_first_line(e)})") from None
+        _explain_load_failure(found, src, kind)
         raise DataError(f"{path}: could not load ({_first_line(e)})") from None
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise DataError(f"{path}: could not load ({_first_line(e)})") from None
-    label = str(files[0]) if len(files) == 1 else f"{path} [{split}]"
-    return ds, Origin(label, files)
+    label = str(found[0]) if len(found) == 1 else f"{path} [{split}]"
+    return ds, Origin(label, found)
 
 
-def _explain_load_failure(files: list[Path], src: SourceConfig, kind: str) -> None:
-    """The library could not read a JSON-lines file: find the malformed line, or the row and
-    field whose type differs from the others, and raise that instead."""
-    for f in files:
-        if not _is_json_lines(f):
-            continue
-        rows = _scan_json_lines(f)
-        if not rows:
-            continue
-        names = list(dict.fromkeys(k for row in rows for k in row))
+def _explain_load_failure(found: list[Path], src: SourceConfig, kind: str) -> None:
+    """The library could not read a local file: find the malformed line, or the row and field
+    whose type differs from the others, and raise that instead."""
+    for f in found:
+        if files.is_json_lines(f):
+            _check_file_rows(f, [row for _, row in files.json_lines(f)], src, kind)
 
-        def columns(wanted: list[str], rows: list[dict] = rows) -> dict[str, list]:
-            return {name: [row.get(name) for row in rows] for name in wanted}
 
-        check_rows(names, rows[0], columns, src, kind, Origin(str(f), [f]))
+def _check_file_rows(f: Path, rows: list[dict], src: SourceConfig, kind: str) -> None:
+    """Every row of one local file checked as its stage reads them (DataError names the row)."""
+    if not rows:
+        raise DataError(f"{f}: is empty (no rows)")
+    names = list(dict.fromkeys(k for row in rows for k in row))
+
+    def columns(wanted: list[str]) -> dict[str, list]:
+        return {name: [row.get(name) for row in rows] for name in wanted}
+
+    check_rows(names, rows[0], columns, src, kind, Origin(str(f), [f]))
+
+
+def check_source(src: SourceConfig, kind: str) -> None:
+    """Plan time, before any model or library loads: a local source's files (each split it
+    reads) opened and every row checked as a stage of `kind` will read it. The built-in data,
+    an earlier stage's pairs and hub datasets are checked when they load."""
+    local = Path(src.path).expanduser()
+    if src.path.startswith(("builtin:", "stage:")) or not local.exists():
+        return
+    for split in dict.fromkeys(s for s in (src.split, src.eval_split) if s):
+        for f in files.split_files(local, src.data_dir, split):
+            if (rows := files.read_rows(f)) is not None:
+                _check_file_rows(f, rows, src, kind)
 
 
 # --- checking and converting ---------------------------------------------------------------

@@ -53,7 +53,8 @@ def _status(manifest: dict, folder: Path, running: bool) -> str:
 
 def _duration(manifest: dict) -> str:
     attempts = manifest.get("attempts") or []
-    spent = sum(a["finished"] - a["started"] for a in attempts if "finished" in a)
+    # a completed attempt has `finished`; one stopped by a preemption or an error, `ended`
+    spent = sum(a.get("finished", a.get("ended", a["started"])) - a["started"] for a in attempts)
     if not spent:
         return "-"
     return f"{spent / 60:.1f} min" + (f" ({len(attempts)} attempts)" if len(attempts) > 1 else "")

@@ -201,3 +201,17 @@ def test_bad_data_stops_the_run_before_any_model_is_loaded(tmp_path, cache_dir):
         f"error: sft.data: {f} line 5: messages[1].role: 'bot'; allowed: system, user, assistant, tool"
     )
     assert "evaluating base model" not in result.stdout and not (out / "sft").exists()
+
+
+def test_a_line_cut_short_in_the_middle_of_a_file_is_named_when_the_stage_loads(tmp_path):
+    """datasets reads the file in blocks and reports a byte position; the loader names the line."""
+    f = tmp_path / "chat.jsonl"
+    cut_short = '{"messages": [{"role": "us\n'
+    f.write_text("".join(json.dumps(r) + "\n" for r in GOOD * 50) + cut_short + json.dumps(GOOD[0]))
+    assert _error(tmp_path, path=str(f)) == f"{f} line 201: not valid JSON (Unterminated string starting at column 24)"
+
+
+def test_an_empty_file_is_one_line_when_the_stage_loads(tmp_path):
+    f = tmp_path / "chat.jsonl"
+    f.write_text("")
+    assert _error(tmp_path, path=str(f)) == f"{f}: is empty (no rows)"

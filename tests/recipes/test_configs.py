@@ -100,7 +100,7 @@ BAD = [
     ),
     (["data.sft.path=null", "+data.sft.sources=[{path: builtin:sft, weight: -1}]"], "sft.data.sources[0].weight: -1"),
     (["data.preference.path=/nonexistent/prefs.jsonl"], "align.data.path: '/nonexistent/prefs.jsonl' does not exist"),
-    (["+sft.learnin_rate=1e-4"], "sft.learnin_rate: unknown key; allowed:"),
+    (["+sft.learnin_rate=1e-4"], "sft.learnin_rate: unknown key; did you mean learning_rate?"),
     (["data.sft.path=builtin:chat"], "sft.data.path: 'builtin:chat' is not one of builtin:sft, builtin:preference"),
     (["align.loss_type=[sigmoid,foo]"], "align.loss_type: unknown 'foo'; allowed: sigmoid"),
     (["model.dtype=fp8"], "model.dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),

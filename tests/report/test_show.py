@@ -177,6 +177,16 @@ def test_failed_and_resumed_stages(complete_run, capsys):
     assert columns(lines, "align")["started"] == time.strftime("%Y-%m-%d %H:%M", time.localtime(STARTED))
 
 
+def test_the_time_of_a_stage_counts_its_interrupted_attempts(complete_run, capsys):
+    attempts = [
+        {"started": STARTED, "ended": STARTED + 600, "resumed_from": None},  # preempted after 10 minutes
+        {"started": STARTED + 900, "finished": STARTED + 900 + 30, "resumed_from": "checkpoint-4"},
+    ]
+    write_stage(complete_run, "align", "complete", attempts=attempts)
+    _, lines = show(capsys, str(complete_run))
+    assert columns(lines, "align")["time"] == "10.5 min (2 attempts)"
+
+
 def test_a_stage_folder_without_a_manifest(complete_run, capsys):
     (complete_run / "align" / MANIFEST).unlink()
     _, lines = show(capsys, str(complete_run))
