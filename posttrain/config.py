@@ -40,6 +40,40 @@ class TinyModelConfig:
 
 
 @dataclass
+class ArchitectureConfig:
+    """A model's shape, as its config.json names it: what `plan=true` estimates memory from before
+    anything is downloaded (the registry's models carry theirs)."""
+
+    model_type: str = "llama"
+    hidden_size: int = 0
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    tie_word_embeddings: bool = False
+    # null: hidden_size / num_attention_heads
+    head_dim: int | None = None
+    # the attention projections have biases (Qwen2's q, k and v always do)
+    attention_bias: bool = False
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "vocab_size", "max_position_embeddings"):  # fmt: skip
+            require(getattr(self, name) > 0, f"model.architecture.{name}", f"{getattr(self, name)} must be > 0")
+
+    @classmethod
+    def from_json(cls, config: dict) -> ArchitectureConfig:
+        """The numbers of a config.json (a multimodal model's text part)."""
+        text = {"model_type": config.get("model_type"), **config.get("text_config", {})}
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in {**config, **text}.items() if k in known and v is not None}
+        values.setdefault("num_key_value_heads", values.get("num_attention_heads", 0))
+        return cls(**values)
+
+
+@dataclass
 class ModelConfig:
     path: str = "builtin:tiny"
     revision: str | None = None
@@ -55,6 +89,9 @@ class ModelConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # the shape of the model at `path` (config.json's numbers), for memory estimates with no
+    # download; a local folder's or the hub's config.json takes precedence; null: none known
+    architecture: ArchitectureConfig | None = None
 
     def __post_init__(self) -> None:
         dtypes = ("auto", "float32", "bfloat16", "float16")
@@ -533,7 +570,15 @@ def planned_world_size(launcher: LauncherConfig) -> int:
     return launcher.nnodes * processes_per_node(launcher)
 
 
+def gpu_devices_present() -> bool:
+    """Whether this machine shows a GPU device (NVIDIA or AMD): when not, the checks that would
+    ask torch (an import of seconds) already know the answer."""
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
 def visible_gpus() -> int:
+    if not gpu_devices_present():
+        return 1
     import torch
 
     return max(torch.cuda.device_count(), 1)

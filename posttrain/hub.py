@@ -53,9 +53,25 @@ def reachable() -> tuple[bool, str]:
     return False, why
 
 
-def cached(repo_id: str, revision: str | None = None) -> bool:
-    """Whether a model's config.json is in the local hub cache (no network)."""
+def cached_file(repo_id: str, filename: str, revision: str | None = None) -> str | None:
+    """A file of a hub model in the local hub cache (no network), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    return isinstance(found, str)
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return found if isinstance(found, str) else None
+
+
+def cached(repo_id: str, revision: str | None = None) -> bool:
+    """Whether a model's config.json is in the local hub cache."""
+    return cached_file(repo_id, "config.json", revision) is not None
+
+
+def download(repo_id: str, filename: str, revision: str | None = None) -> str:
+    """One file of a hub model, fetched (call `reachable()` first); OSError when it cannot be."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except (HfHubHTTPError, ValueError) as e:  # no such repository or file, gated, bad revision
+        raise OSError(f"{repo_id}: {str(e).strip().splitlines()[0]}") from None

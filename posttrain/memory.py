@@ -1,47 +1,92 @@
-"""Memory estimates from a model's config.json alone (no weights are read): model states per GPU
-for `posttrain plan=true`, and whether a stage's activations need checkpointing
-(`<stage>.activation_checkpointing: auto`).
+"""Memory estimates from a model's shape alone (no weights are read, nothing is downloaded):
+model states per GPU for `posttrain plan=true`, and whether a stage's activations need
+checkpointing (`<stage>.activation_checkpointing: auto`). Neither torch nor transformers is
+imported on a machine without a GPU.
 
-    config = model_config(cfg.model)                 # transformers config of the base model
+    arch = architecture(cfg.model)                   # the base model's numbers
+    total, largest = parameter_counts(arch)
     on, why = activation_checkpointing(stage, cfg, spec.data_kind, source)
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from pathlib import Path
 
-from posttrain.config import Config, DeepSpeedConfig, ModelConfig, StageConfig, processes_per_node, stage_peft
-from posttrain.models import TINY, compute_dtype, tiny_config
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+from posttrain import hub
+from posttrain.config import (
+    ArchitectureConfig,
+    Config,
+    DeepSpeedConfig,
+    ModelConfig,
+    StageConfig,
+    gpu_devices_present,
+    processes_per_node,
+    stage_peft,
+)
+from posttrain.models import TINY, compute_dtype
 
 # share of a GPU's memory the estimate may fill: the CUDA context, the allocator's fragmentation
 # and temporary buffers take the rest
 USABLE_SHARE = 0.85
+# model types whose decoder layers have four norms (before and after attention and the MLP)
+FOUR_NORMS = ("gemma2", "gemma3", "gemma3_text")
+# model types that normalise queries and keys per head
+QK_NORM = ("qwen3", "gemma3", "gemma3_text")
 
 
-def model_config(model: ModelConfig, source: str | None = None, local_only: bool = False) -> PretrainedConfig:
-    """The transformers config of `source` (default: the base model). `local_only`: a hub id's
-    config from the local cache only (no network)."""
-    from transformers import AutoConfig
-
+def architecture(model: ModelConfig, source: str | None = None, local_only: bool = False) -> ArchitectureConfig:
+    """The shape of the model at `source` (default: the base model): the tiny model's settings, a
+    local folder's config.json, the hub cache's, the hub's (unless `local_only`), else the
+    registry's numbers (`model.architecture`). OSError when none is known."""
     source = source or model.path
     if source == TINY:
-        return tiny_config(model, model.tiny.vocab_size)
+        tiny = model.tiny
+        return ArchitectureConfig(
+            hidden_size=tiny.hidden_size,
+            num_hidden_layers=tiny.num_layers,
+            num_attention_heads=tiny.num_heads,
+            num_key_value_heads=tiny.num_heads,
+            intermediate_size=tiny.intermediate_size,
+            vocab_size=tiny.vocab_size,
+            tie_word_embeddings=True,
+            max_position_embeddings=tiny.max_position_embeddings,
+        )
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return _read(local / "config.json")
     revision = model.revision if source == model.path else None
-    return AutoConfig.from_pretrained(source, revision=revision, local_files_only=local_only)
+    if hub.is_hub_id(source):
+        if (found := hub.cached_file(source, "config.json", revision)) is not None:
+            return _read(Path(found))
+        if not local_only and hub.reachable()[0]:
+            return _read(Path(hub.download(source, "config.json", revision)))
+    if source == model.path and model.architecture is not None:
+        return model.architecture
+    raise OSError(f"no config.json for {source}: not a local folder, not in the hub cache, no registry numbers")
 
 
-def parameter_counts(config: PretrainedConfig) -> tuple[int, int]:
-    """(total parameters, largest layer's own parameters): the model built on the meta device."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def _read(path: Path) -> ArchitectureConfig:
+    try:
+        return ArchitectureConfig.from_json(json.loads(path.read_text()))
+    except ValueError as e:  # not JSON, or numbers the schema refuses
+        raise OSError(f"{path}: {e}") from None
 
-    with torch.device("meta"):
-        built = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in built.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in built.modules())
+
+def parameter_counts(arch: ArchitectureConfig) -> tuple[int, int]:
+    """(total parameters, the largest module's own parameters) of a decoder-only transformer of
+    this shape, as Hugging Face builds it (tests/test_memory.py compares with a built model)."""
+    hidden, inter, vocab = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    head_dim = arch.head_dim or hidden // arch.num_attention_heads
+    q, kv = arch.num_attention_heads * head_dim, arch.num_key_value_heads * head_dim
+    # attention_bias: q, k, v and o projections; Qwen2 has q, k and v biases without saying so
+    bias = q + 2 * kv + hidden if arch.attention_bias else q + 2 * kv if arch.model_type == "qwen2" else 0
+    norms = (4 if arch.model_type in FOUR_NORMS else 2) * hidden + (2 * head_dim if arch.model_type in QK_NORM else 0)
+    layer = 2 * hidden * q + 2 * hidden * kv + bias + 3 * hidden * inter + norms
+    embeddings = vocab * hidden * (1 if arch.tie_word_embeddings else 2)
+    total = embeddings + arch.num_hidden_layers * layer + hidden
+    fused = arch.model_type == "phi3"  # one qkv projection, one gate+up projection
+    largest = max(vocab * hidden, (2 if fused else 1) * hidden * inter, hidden * (q + 2 * kv if fused else q))
     return total, largest
 
 
@@ -53,6 +98,8 @@ def stage_bytes_per_parameter(stage: StageConfig, cfg: Config) -> tuple[float, s
         bf16 = cfg.model.dtype == "bfloat16"
         return (8.0, "bf16 weights, gradients, Adam") if bf16 else (16.0, "fp32 weights, gradients, Adam")
     if method == "lora":  # frozen weights in the compute dtype (on this machine); the adapters are small
+        if cfg.model.dtype == "auto" and not gpu_devices_present():
+            return 4.0, "float32 frozen weights"  # what compute_dtype gives on a CPU, without importing torch
         dtype = compute_dtype(cfg.model.dtype)
         return float(dtype.itemsize), f"{str(dtype).removeprefix('torch.')} frozen weights"
     return 0.6, "NF4 frozen weights"
@@ -86,22 +133,19 @@ def memory_per_gpu(
     return whole * total, 0.0  # no ZeRO: every process holds the whole model
 
 
-def layer_activation_bytes(config: PretrainedConfig) -> float:
+def layer_activation_bytes(arch: ArchitectureConfig) -> float:
     """Bytes one decoder layer keeps per token for the backward, in 16-bit compute with sdpa/flash
     attention (no attention matrix): 26 x hidden (q, k, v, their RoPE copies, the attention output,
     both norms' fp32 inputs and 16-bit outputs) + 8 x intermediate (the MLP's four intermediates),
     as measured on Hugging Face's Llama (tests/test_memory.py)."""
-    text = config.get_text_config()
-    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    return 26.0 * text.hidden_size + 8.0 * intermediate
+    return 26.0 * arch.hidden_size + 8.0 * arch.intermediate_size
 
 
-def activation_bytes(config: PretrainedConfig, sequences: int, length: int) -> float:
+def activation_bytes(arch: ArchitectureConfig, sequences: int, length: int) -> float:
     """Activation memory of one forward and backward without checkpointing: every layer's saved
     tensors, plus the logits at their peak (16-bit, the fp32 copy the loss takes and its
     log-softmax: 10 bytes per vocabulary entry)."""
-    text = config.get_text_config()
-    per_token = text.num_hidden_layers * layer_activation_bytes(config) + 10 * text.vocab_size
+    per_token = arch.num_hidden_layers * layer_activation_bytes(arch) + 10 * arch.vocab_size
     return float(sequences * length * per_token)
 
 
@@ -124,21 +168,23 @@ def activation_checkpointing(
     if capacity is None:
         return False, "no GPU"
     try:
-        config = model_config(cfg.model, source, local_only)
-    except (OSError, ValueError) as e:  # no config.json to estimate from: as without auto
+        arch = architecture(cfg.model, source, local_only)
+    except OSError as e:  # no shape to estimate from: as without auto
         return False, f"no estimate ({str(e).strip().splitlines()[0][:200]})"
-    total, largest = parameter_counts(config)
+    total, largest = parameter_counts(arch)
     whole, _ = stage_bytes_per_parameter(stage, cfg)
     per_node, nodes = processes_per_node(cfg.launcher), cfg.launcher.nnodes
     states, _ = memory_per_gpu(cfg.deepspeed, total, largest, per_node, nodes, whole)
-    length = stage.max_length or config.get_text_config().max_position_embeddings
-    need = states + activation_bytes(config, sequences_per_forward(stage, data_kind), length)
+    length = stage.max_length or arch.max_position_embeddings
+    need = states + activation_bytes(arch, sequences_per_forward(stage, data_kind), length)
     on = need > USABLE_SHARE * capacity
     return on, f"model states and activations ~{gib(need)} {'>' if on else '<='} {USABLE_SHARE:.0%} of {gib(capacity)}"
 
 
 def gpu_memory() -> float | None:
     """This machine's first GPU's memory in bytes, or None without one."""
+    if not gpu_devices_present():
+        return None
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None

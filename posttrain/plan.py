@@ -28,10 +28,12 @@ from posttrain.config import (
     SweepConfig,
     build,
     global_batch,
+    gpu_devices_present,
     planned_world_size,
     processes_per_node,
     resolve_batches,
     stage_peft,
+    visible_gpus,
 )
 from posttrain.data import formats
 from posttrain.data.formats import DataError
@@ -140,7 +142,8 @@ def _check_qlora(key: str) -> None:
     )
     import torch
 
-    require(torch.cuda.is_available(), key, "qlora needs a CUDA GPU (4-bit NF4 weights); on this machine use lora")
+    cuda = gpu_devices_present() and torch.cuda.is_available()
+    require(cuda, key, "qlora needs a CUDA GPU (4-bit NF4 weights); on this machine use lora")
 
 
 # --- the config as a whole ---------------------------------------------------------------
@@ -239,9 +242,7 @@ def check_distributed(cfg: Config) -> None:
                 f"{launcher.gpus} processes per node but {', '.join(short)} has fewer slots in {launcher.hostfile}",
             )
     if launcher.name != "local" and launcher.nnodes == 1 and not launcher.srun and launcher.gpus:
-        import torch
-
-        visible = torch.cuda.device_count()  # 0: CPU workers over gloo, any number
+        visible = visible_gpus() if gpu_devices_present() else 0  # 0: CPU workers over gloo, any number
         require(
             not visible or launcher.gpus <= visible,
             "launcher.gpus",
@@ -392,8 +393,8 @@ def memory_lines(cfg: Config, world: int, per_node: int) -> list[str]:
     # one plain process: an estimate only from a config already on this machine (no hub request)
     alone = world == 1 and ds.stage is None
     try:
-        total, largest = memory.parameter_counts(memory.model_config(cfg.model, local_only=alone))
-    except (OSError, ValueError) as e:  # a hub id offline, a folder without config.json
+        total, largest = memory.parameter_counts(memory.architecture(cfg.model, local_only=alone))
+    except OSError as e:  # a hub id offline with no registry numbers, a folder without config.json
         return [] if alone else [f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})"]
     whole, what = whole_model_bytes(cfg)
     gpu, cpu = memory.memory_per_gpu(ds, total, largest, per_node, cfg.launcher.nnodes, whole)

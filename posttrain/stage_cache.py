@@ -30,6 +30,8 @@ from posttrain.stages import PLUGINS, STAGES
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
+# model fields that describe the weights `path` names without deciding them
+MODEL_NOT_IN_KEY = ("architecture",)
 # Stage fields that do not change the trained weights (activation checkpointing recomputes the
 # same activations); global_batch_size is in the key through the accumulation derived from it
 NOT_IN_KEY = (
@@ -101,7 +103,7 @@ def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
     own = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_IN_KEY}
     content = {
         "stage": own,
-        "model": dataclasses.asdict(cfg.model),
+        "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in MODEL_NOT_IN_KEY},
         "peft": dataclasses.asdict(cfg.peft),
         "seed": cfg.run.seed,
         "world_size": planned_world_size(cfg.launcher),

@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from posttrain import memory
+from posttrain.config import ArchitectureConfig
 from posttrain.plan import load_config
-from tests.conftest import compose_tree
+from tests.conftest import REPO, compose_tree
 
 GIB = 2**30
 
@@ -38,7 +39,7 @@ def test_layer_activations_match_what_a_bf16_forward_saves(hidden, intermediate,
     ids = torch.randint(0, config.vocab_size, (batch, length))
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         model.model(input_ids=ids)  # the decoder layers (and final norm), no LM head
-    estimate = batch * length * layers * memory.layer_activation_bytes(config)
+    estimate = batch * length * layers * memory.layer_activation_bytes(ArchitectureConfig.from_json(config.to_dict()))
     assert estimate == pytest.approx(sum(saved.values()), rel=0.15)
 
 
@@ -124,3 +125,76 @@ def test_plan_shows_the_auto_decision_on_a_gpu_machine(tmp_path, gpu_80gib):
     checkpointing = [line.strip() for line in lines if "activation checkpointing" in line]
     assert checkpointing[0].startswith("activation checkpointing: on (model states and activations ~99.3 GiB >")
     assert checkpointing[1].startswith("activation checkpointing: off")
+
+
+def small(config_class: str, **extra):
+    """A small model of a family, in that family's own config class."""
+    import transformers
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4)
+    return getattr(transformers, config_class)(**{**shape, "num_key_value_heads": 2, **extra})
+
+
+FAMILY_SHAPES = {
+    "llama": small("LlamaConfig"),
+    "llama, untied, biased": small("LlamaConfig", tie_word_embeddings=False, attention_bias=True),
+    "qwen2": small("Qwen2Config", tie_word_embeddings=True),
+    "qwen3": small("Qwen3Config", head_dim=32),
+    "mistral": small("MistralConfig"),
+    "gemma2": small("Gemma2Config", head_dim=32),
+    "gemma3": small("Gemma3TextConfig", head_dim=32),
+    "phi3": small("Phi3Config", num_key_value_heads=4, pad_token_id=0),
+    # the largest module an MLP projection, not the embedding
+    "wide mlp": small("LlamaConfig", intermediate_size=4096),
+}
+
+
+@pytest.mark.parametrize("config", FAMILY_SHAPES.values(), ids=FAMILY_SHAPES)
+def test_parameter_counts_from_the_numbers_equal_a_built_models(config):
+    """The formula the plan uses (no transformers, no download) against the model transformers
+    builds from the same config.json: every parameter, and the largest module's own."""
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in built.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in built.modules())
+    assert memory.parameter_counts(ArchitectureConfig.from_json(config.to_dict())) == (total, largest)
+
+
+# total parameters as the model cards (or the hub's page) state them, in billions
+CARD_BILLIONS = {
+    "llama3_2_1b": 1.23, "llama3_2_3b": 3.21, "llama3_1_8b": 8.03, "llama3_1_70b": 70.6,
+    "qwen2_5_0_5b": 0.49, "qwen2_5_1_5b": 1.54, "qwen2_5_7b": 7.61,
+    "qwen3_0_6b": 0.6, "qwen3_1_7b": 1.7, "qwen3_4b": 4.0, "qwen3_8b": 8.2,
+    "mistral_7b": 7.24, "mistral_7b_v0_3": 7.25, "gemma2_2b": 2.61, "gemma2_9b": 9.24, "gemma3_1b": 1.0,
+    "phi3_mini": 3.8, "phi4_mini": 3.8, "phi4": 14.7,
+}  # fmt: skip
+REGISTRY = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem != "tiny")
+
+
+def test_every_registry_model_states_its_card_count():
+    assert sorted(CARD_BILLIONS) == REGISTRY
+
+
+@pytest.mark.parametrize("entry", REGISTRY)
+def test_registry_numbers_give_the_model_cards_parameter_count(entry):
+    """The architecture numbers each registry entry carries (from the published config.json) give
+    the parameter count its model card states: a typo in a number would not."""
+    arch = load_config(compose_tree([f"model={entry}"])).model.architecture
+    total, _ = memory.parameter_counts(arch)
+    stated = CARD_BILLIONS[entry]
+    decimals = len(repr(stated).partition(".")[2])
+    unit = 10**-decimals  # cards round (1.7B for 1.72B) or cut (1.23B for 1.2358B)
+    assert stated - unit / 2 <= total / 1e9 < stated + unit, (total, stated)
+
+
+@pytest.mark.parametrize("entry", REGISTRY)
+def test_a_plan_estimates_every_registry_model_with_no_hub(entry, tmp_path, monkeypatch):
+    from posttrain import hub
+    from posttrain.plan import plan_lines
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    hub.reachable.cache_clear()
+    cfg = load_config(compose_tree([f"model={entry}", "deepspeed=zero3", "launcher=deepspeed", "launcher.gpus=8"]))
+    memory_line = next(line for line in plan_lines(cfg) if line.startswith("memory:"))
+    total = memory.parameter_counts(cfg.model.architecture)[0]
+    assert memory_line.startswith(f"memory: {memory.count(total)} parameters; model states per GPU "), memory_line

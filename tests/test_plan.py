@@ -14,7 +14,7 @@ import torch
 
 from posttrain.cli import compose_tree
 from posttrain.config import ConfigError
-from posttrain.memory import memory_per_gpu, model_config, parameter_counts
+from posttrain.memory import architecture, memory_per_gpu, parameter_counts
 from posttrain.pipeline import run_pipeline
 from posttrain.plan import load_config
 from tests.conftest import FAST, REPO, run_posttrain
@@ -204,7 +204,7 @@ def test_plan_of_a_7b_recipe_under_zero3_shows_batches_and_deepspeeds_memory_est
         cache_dir=cache_dir,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    total, largest = parameter_counts(model_config(load_config(compose_tree([f"model.path={model}"])).model))
+    total, largest = parameter_counts(architecture(load_config(compose_tree([f"model.path={model}"])).model))
     assert total == 6_738_415_616 and largest == 32000 * 4096
     _, gpu, _ = estimate_zero3_model_states_mem_needs(
         total, largest, num_gpus_per_node=8, num_nodes=4, cpu_offload=False, cpu_offload_params=False
@@ -244,7 +244,7 @@ def test_plan_of_one_process_estimates_the_whole_models_memory(tmp_path, overrid
         num_key_value_heads=8,
     ).save_pretrained(model)  # fmt: skip
     cfg = config(f"model.path={model}", *overrides, tmp_path=tmp_path)
-    total, _ = parameter_counts(model_config(cfg.model))
+    total, _ = parameter_counts(architecture(cfg.model))
     assert total == 8_030_261_248
     memory = [line for line in plan_lines(cfg) if line.startswith("memory:")][0]
     gib = bytes_each * total / 2**30
