@@ -12,6 +12,7 @@ trainer is built, so no second copy of the weights is loaded to compute them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posttrain.distributed import agree
+from posttrain.locks import FileLock
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -89,6 +91,18 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
 
         def _cached_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
             path = cache_path(cache, name, dataset)
+            # parallel jobs over the same reference and rows (sweep points on a cluster) wait for
+            # the one computing them, then read its file; rank 0 holds the lock for its job
+            lock = FileLock(
+                path.with_name(f"{path.name}.lock"),
+                f"reference log-probs {path.name}",
+                wait=True,
+                on_wait=lambda holder: log(f"waiting for {holder}, which computes the same reference log-probs"),
+            )
+            with lock if self.accelerator.is_main_process else contextlib.nullcontext():
+                return self._read_or_compute(dataset, name, batch_size, path)
+
+        def _read_or_compute(self, dataset: Dataset, name: str, batch_size: int, path: Path) -> Dataset:
             if self.accelerator.num_processes > 1:
                 # TRL hands its computed columns from rank 0 to the others through a file that, for an
                 # in-memory dataset, it names in each process's own temporary folder: name a shared one

@@ -91,3 +91,30 @@ def test_precomputed_logps_are_the_references_log_likelihood_of_each_reply(setup
     # TRL's fused, chunked LM head sums in another order: ~1e-4 relative in fp32 (a wrong mask is off by units)
     assert torch.allclose(chosen, batch["ref_chosen_logps"], rtol=1e-3)
     assert torch.allclose(rejected, batch["ref_rejected_logps"], rtol=1e-3)
+
+
+def test_a_job_that_finds_the_same_log_probs_being_computed_waits_and_reads_them(setup, tmp_path, capsys):
+    """Two sweep points over one reference: the second waits on the cache key's lock while the
+    first computes, then reads the file it wrote instead of computing again."""
+    import shutil
+    import threading
+    import time
+
+    from posttrain.locks import FileLock
+
+    cache = RefLogpsCache(tmp_path / "sft" / "ref_logps", "key-of-sft", "float32|sdpa|none")
+    dpo_trainer(setup, cache, tmp_path)
+    train_file = next(cache.folder.glob("train-*.parquet"))
+    kept = tmp_path / "computed.parquet"
+    shutil.move(train_file, kept)  # as if the first job were still computing them
+    with FileLock(train_file.with_name(f"{train_file.name}.lock"), "the first job"):
+        second: dict = {}
+        thread = threading.Thread(target=lambda: second.update(trainer=dpo_trainer(setup, cache, tmp_path)))
+        thread.start()
+        deadline = time.time() + 60
+        while "which computes the same reference log-probs" not in capsys.readouterr().out:
+            assert thread.is_alive() and time.time() < deadline, "the second job did not wait"
+            time.sleep(0.05)
+        shutil.move(kept, train_file)  # the first job writes its file, then releases the lock
+    thread.join(timeout=120)
+    assert second["trainer"].ref_logps_source == {"train": "cache", "eval": "cache"}
