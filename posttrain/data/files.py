@@ -177,7 +177,7 @@ def json_lines(f: Path) -> Iterator[tuple[int, dict]]:
                 if not isinstance(row, dict):
                     if first and isinstance(row, list):
                         raise DataError(_array_in_lines(f))
-                    raise DataError(f"{f} line {n}: expected a JSON object per line, got {type(row).__name__}")
+                    raise DataError(f"{f} line {n}: expected a JSON object per line, got {_json_type(row)}")
                 first = False
                 yield n, row
         except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or cut-short archive
@@ -187,6 +187,12 @@ def json_lines(f: Path) -> Iterator[tuple[int, dict]]:
 def _json_problem(e: json.JSONDecodeError) -> str:
     """`Expecting value at column 15`, `Unterminated string starting at column 32`."""
     return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+
+
+def _json_type(value) -> str:
+    """What JSON calls a parsed value's type."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
 
 
 def _array_in_lines(f: Path) -> str:
@@ -216,10 +222,10 @@ def _json_array(f: Path, data: bytes) -> list[dict]:
     except json.JSONDecodeError as e:
         raise DataError(f"{f} line {e.lineno}: not valid JSON ({_json_problem(e)})") from None
     if not isinstance(rows, list):
-        raise DataError(f"{f}: holds one JSON {type(rows).__name__}; expected an array of row objects")
+        raise DataError(f"{f}: holds one JSON {_json_type(rows)}; expected an array of row objects")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{f} row {i} (0-based): expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{f} row {i} (0-based): expected a JSON object, got {_json_type(row)}")
     return rows
 
 
