@@ -33,6 +33,8 @@ USABLE_SHARE = 0.85
 FOUR_NORMS = ("gemma2", "gemma3", "gemma3_text")
 # model types that normalise queries and keys per head
 QK_NORM = ("qwen3", "gemma3", "gemma3_text")
+# the families parameter_counts counts exactly (tests/test_memory.py builds each to compare)
+FORMULA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "phi3")
 
 
 def architecture(model: ModelConfig, source: str | None = None, local_only: bool = False) -> ArchitectureConfig:
@@ -52,25 +54,59 @@ def architecture(model: ModelConfig, source: str | None = None, local_only: bool
             tie_word_embeddings=True,
             max_position_embeddings=tiny.max_position_embeddings,
         )
-    local = Path(source).expanduser()
-    if local.is_dir():
-        return _read(local / "config.json")
-    revision = model.revision if source == model.path else None
-    if hub.is_hub_id(source):
-        if (found := hub.cached_file(source, "config.json", revision)) is not None:
-            return _read(Path(found))
-        if not local_only and hub.reachable()[0]:
-            return _read(Path(hub.download(source, "config.json", revision)))
+    if (found := _config_json(model, source, local_only)) is not None:
+        path, config = found
+        try:
+            return ArchitectureConfig.from_json(config)
+        except ValueError as e:  # numbers the schema refuses, or a shape without them
+            raise OSError(f"{path}: {e}") from None
     if source == model.path and model.architecture is not None:
         return model.architecture
     raise OSError(f"no config.json for {source}: not a local folder, not in the hub cache, no registry numbers")
 
 
-def _read(path: Path) -> ArchitectureConfig:
+def _config_json(model: ModelConfig, source: str, local_only: bool) -> tuple[Path, dict] | None:
+    """(where, content) of the config.json of the model at `source`: a local folder's, the hub
+    cache's, or the hub's (unless `local_only`); None when there is none to read."""
+    local = Path(source).expanduser()
+    revision = model.revision if source == model.path else None
+    if local.is_dir():
+        path = local / "config.json"
+    elif hub.is_hub_id(source) and (found := hub.cached_file(source, "config.json", revision)) is not None:
+        path = Path(found)
+    elif hub.is_hub_id(source) and not local_only and hub.reachable()[0]:
+        path = Path(hub.download(source, "config.json", revision))
+    else:
+        return None
     try:
-        return ArchitectureConfig.from_json(json.loads(path.read_text()))
-    except ValueError as e:  # not JSON, or numbers the schema refuses
-        raise OSError(f"{path}: {e}") from None
+        return path, json.loads(path.read_text())
+    except ValueError as e:
+        raise OSError(f"{path}: not JSON ({e})") from None
+
+
+def model_parameter_counts(model: ModelConfig, source: str | None = None, local_only: bool = False) -> tuple[int, int]:
+    """parameter_counts of the model at `source` (default: the base model); a config.json of a
+    family the formula does not know (FORMULA_TYPES) is built on the meta device instead."""
+    source = source or model.path
+    found = None if source == TINY else _config_json(model, source, local_only)
+    if found is not None and found[1].get("model_type") not in FORMULA_TYPES:
+        return _built_parameter_counts(found[1])
+    return parameter_counts(architecture(model, source, local_only))
+
+
+def _built_parameter_counts(config: dict) -> tuple[int, int]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        built_config = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(built_config)
+    except (ValueError, KeyError, TypeError) as e:  # a model type transformers does not know
+        raise OSError(f"model_type {config.get('model_type')!r}: {e}") from None
+    total = sum(p.numel() for p in built.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in built.modules())
+    return total, largest
 
 
 def parameter_counts(arch: ArchitectureConfig) -> tuple[int, int]:
@@ -169,9 +205,9 @@ def activation_checkpointing(
         return False, "no GPU"
     try:
         arch = architecture(cfg.model, source, local_only)
+        total, largest = model_parameter_counts(cfg.model, source, local_only)
     except OSError as e:  # no shape to estimate from: as without auto
         return False, f"no estimate ({str(e).strip().splitlines()[0][:200]})"
-    total, largest = parameter_counts(arch)
     whole, _ = stage_bytes_per_parameter(stage, cfg)
     per_node, nodes = processes_per_node(cfg.launcher), cfg.launcher.nnodes
     states, _ = memory_per_gpu(cfg.deepspeed, total, largest, per_node, nodes, whole)

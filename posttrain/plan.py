@@ -393,7 +393,7 @@ def memory_lines(cfg: Config, world: int, per_node: int) -> list[str]:
     # one plain process: an estimate only from a config already on this machine (no hub request)
     alone = world == 1 and ds.stage is None
     try:
-        total, largest = memory.parameter_counts(memory.architecture(cfg.model, local_only=alone))
+        total, largest = memory.model_parameter_counts(cfg.model, local_only=alone)
     except OSError as e:  # a hub id offline with no registry numbers, a folder without config.json
         return [] if alone else [f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})"]
     whole, what = whole_model_bytes(cfg)

@@ -198,3 +198,19 @@ def test_a_plan_estimates_every_registry_model_with_no_hub(entry, tmp_path, monk
     memory_line = next(line for line in plan_lines(cfg) if line.startswith("memory:"))
     total = memory.parameter_counts(cfg.model.architecture)[0]
     assert memory_line.startswith(f"memory: {memory.count(total)} parameters; model states per GPU "), memory_line
+
+
+def test_a_family_the_formula_does_not_know_is_counted_by_building_it(tmp_path):
+    """GPT-2's config.json has none of the Llama-style numbers: transformers builds it on the meta
+    device, as for any model type outside memory.FORMULA_TYPES."""
+    from transformers import GPT2Config
+
+    from posttrain.plan import plan_lines
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000).save_pretrained(tmp_path / "gpt2")
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000))
+    total = sum(p.numel() for p in built.parameters())
+    cfg = load_config(compose_tree([f"model.path={tmp_path / 'gpt2'}"]))
+    assert memory.model_parameter_counts(cfg.model)[0] == total
+    assert any(line.startswith(f"memory: {memory.count(total)} parameters") for line in plan_lines(cfg))
