@@ -38,6 +38,19 @@ class TinyModelConfig:
     max_position_embeddings: int = 256
     seed: int = 0
 
+    def architecture(self, vocab_size: int | None = None) -> ArchitectureConfig:
+        """The built Llama's shape (`vocab_size`: its tokenizer's length, default this one's)."""
+        return ArchitectureConfig(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            vocab_size=vocab_size or self.vocab_size,
+            tie_word_embeddings=True,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+
 
 @dataclass
 class ArchitectureConfig:

@@ -43,17 +43,7 @@ def architecture(model: ModelConfig, source: str | None = None, local_only: bool
     registry's numbers (`model.architecture`). OSError when none is known."""
     source = source or model.path
     if source == TINY:
-        tiny = model.tiny
-        return ArchitectureConfig(
-            hidden_size=tiny.hidden_size,
-            num_hidden_layers=tiny.num_layers,
-            num_attention_heads=tiny.num_heads,
-            num_key_value_heads=tiny.num_heads,
-            intermediate_size=tiny.intermediate_size,
-            vocab_size=tiny.vocab_size,
-            tie_word_embeddings=True,
-            max_position_embeddings=tiny.max_position_embeddings,
-        )
+        return model.tiny.architecture()
     if (found := _config_json(model, source, local_only)) is not None:
         path, config = found
         try:

@@ -7,6 +7,7 @@ loads them with `from_pretrained`, the same path a user's hub id or local folder
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -63,16 +64,11 @@ def tiny_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None = No
     """The tiny Llama's `LlamaConfig` (vocab_size: its tokenizer's length)."""
     from transformers import LlamaConfig
 
-    tiny = cfg.tiny
+    shape = dataclasses.asdict(cfg.tiny.architecture(vocab_size))
+    for name in ("model_type", "head_dim"):  # LlamaConfig's own, derived from the rest
+        shape.pop(name)
     return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_heads,
-        max_position_embeddings=tiny.max_position_embeddings,
-        tie_word_embeddings=True,
+        **shape,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=None,
