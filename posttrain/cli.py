@@ -24,7 +24,7 @@ from posttrain.errors import ConfigError, PosttrainError, unknown_key
 from posttrain.launch import run_workers, stop_file
 from posttrain.locks import FileLock
 from posttrain.pipeline import check_writable, run_pipeline
-from posttrain.plan import check_references, load_config, plan_text
+from posttrain.plan import check_references, check_writable_folder, load_config, plan_text
 from posttrain.preemption import EXIT_PREEMPTED, Preempted
 from posttrain.report import show
 from posttrain.report.sweep import objective_value, write_report
@@ -99,11 +99,8 @@ def hydra_error(error: Exception, args: list[str]) -> str:
 def _raw_value(key: str, overrides: list[str]):
     """The value at `key` of the config these overrides compose, interpolations unresolved (None
     when they do not compose)."""
-    from hydra import compose, initialize_config_dir
-
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="posttrain"):
-            tree = OmegaConf.to_container(compose("config", overrides=overrides), resolve=False)
+        tree = compose_tree(overrides, resolve=False)
     except Exception:  # a sweep or another mistake: the caller says what it can without it
         return None
     for part in key.split("."):
@@ -147,8 +144,6 @@ class SweepReport(Callback):
 
 
 def _check_creatable(config: DictConfig, key: str) -> None:
-    import os
-
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -156,9 +151,10 @@ def _check_creatable(config: DictConfig, key: str) -> None:
         folder = Path(str(OmegaConf.select(config, key))).expanduser().absolute()
     except Exception:  # an interpolation error: Hydra reports it in its own words
         return
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        sys.exit(f"error: run.output_dir: cannot create {folder}: {existing} is not a writable folder")
+    try:
+        check_writable_folder(folder, "run.output_dir")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 def load(tree: DictConfig) -> tuple[Config, dict]:
@@ -245,8 +241,9 @@ def _hydra_main(tree: DictConfig) -> float | None:
     return objective_value(summary, str(tree.sweep.objective)) if summary else None
 
 
-def compose_tree(overrides: list[str]) -> dict:
-    """The config tree `posttrain <overrides>` would run, resolved to plain Python (tests, benchmarks)."""
+def compose_tree(overrides: list[str], resolve: bool = True) -> dict:
+    """The config tree `posttrain <overrides>` would run, as plain Python (tests, benchmarks);
+    `resolve=False` keeps interpolations as written."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -256,7 +253,7 @@ def compose_tree(overrides: list[str]) -> dict:
         HydraConfig.instance().set_config(tree)  # run.name and output_dir refer to hydra's settings
         with open_dict(tree):
             del tree["hydra"]
-        return OmegaConf.to_container(tree, resolve=True)
+        return OmegaConf.to_container(tree, resolve=resolve)
 
 
 def help_text(overrides: list[str]) -> str:

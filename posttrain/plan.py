@@ -33,7 +33,6 @@ from posttrain.config import (
     processes_per_node,
     resolve_batches,
     stage_peft,
-    visible_gpus,
 )
 from posttrain.data import formats
 from posttrain.data.formats import DataError
@@ -242,7 +241,11 @@ def check_distributed(cfg: Config) -> None:
                 f"{launcher.gpus} processes per node but {', '.join(short)} has fewer slots in {launcher.hostfile}",
             )
     if launcher.name != "local" and launcher.nnodes == 1 and not launcher.srun and launcher.gpus:
-        visible = visible_gpus() if gpu_devices_present() else 0  # 0: CPU workers over gloo, any number
+        visible = 0  # no GPU: CPU workers over gloo, any number
+        if gpu_devices_present():
+            import torch
+
+            visible = torch.cuda.device_count()
         require(
             not visible or launcher.gpus <= visible,
             "launcher.gpus",
