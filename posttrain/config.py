@@ -529,8 +529,9 @@ class RunConfig:
     reuse: bool = True
     # continue an interrupted stage from its last checkpoint
     resume: bool = True
-    # every rank writes the rows of each of its batches (digests) and the losses it logged to
-    # <stage>/ranks/rank-N.jsonl: to check that ranks train on disjoint shards and agree
+    # every rank writes the rows of each of its batches (digests), the losses it logged and its peak
+    # memory (RSS, CUDA) to <stage>/ranks/rank-N.jsonl: to check that ranks train on disjoint
+    # shards and agree, and what each holds
     rank_logs: bool = False
 
     @property

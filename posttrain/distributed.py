@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -130,9 +131,47 @@ def shutdown() -> None:
 # --- per-rank logs ---------------------------------------------------------------------
 
 
-def rank_logger(trainer, folder) -> None:
+def memory_mark() -> int:
+    """This process's resident memory now, in bytes, and its peak reset to it (Linux; 0 elsewhere):
+    taken before a stage's model loads, it is the baseline the rank log's memory record reports from."""
+    status = _proc_status()
+    _reset_peak()
+    return status.get("VmRSS", 0)
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident memory since the last reset) of this process, in bytes."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # not Linux
+        return {}
+    fields = (line.split() for line in lines if line.startswith(("VmRSS:", "VmHWM:")))
+    return {f[0].rstrip(":"): int(f[1]) * 1024 for f in fields}  # kB
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (`echo 5 > /proc/self/clear_refs`) and torch's CUDA peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peaks() -> dict[str, int | None]:
+    import torch
+
+    cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"peak_rss": _proc_status().get("VmHWM", 0), "cuda_peak_allocated": cuda}
+
+
+def rank_logger(trainer, folder, rss_before_model: int | None = None) -> None:
     """Make `trainer` append, on this rank, one line per training batch (a digest of each row's
-    tokens) and one per log (the losses it logged) to `<folder>/ranks/rank-<N>.jsonl`."""
+    tokens), one per log (the losses it logged) and, at the end of training, one memory record to
+    `<folder>/ranks/rank-<N>.jsonl`: the resident memory before the model loaded
+    (`rss_before_model`, from memory_mark), the peak RSS (and CUDA peak) while the model loaded,
+    and the peak during train() (DeepSpeed's or DDP's set-up, every step), in bytes."""
     import hashlib
     import json
 
@@ -158,9 +197,20 @@ def rank_logger(trainer, folder) -> None:
         write({"step": trainer.state.global_step + 1, "rows": rows})
 
     class LoggedLosses(TrainerCallback):
+        loading: dict[str, int | None] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.loading = _peaks()  # since memory_mark: the model's load
+            _reset_peak()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 write({"step": state.global_step, "loss": logs["loss"]})
+
+        def on_train_end(self, args, state, control, **kwargs):
+            loading = {f"{k}_loading": v for k, v in self.loading.items()}
+            training = {f"{k}_training": v for k, v in _peaks().items()}
+            write({"step": state.global_step, "memory": {"rss_before_model": rss_before_model, **loading, **training}})
 
     trainer.model.register_forward_pre_hook(on_forward, with_kwargs=True)
     trainer.add_callback(LoggedLosses())

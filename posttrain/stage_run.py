@@ -133,6 +133,7 @@ def train_stage(
     args = training_args(STAGES[run.stage.method], run.stage, cfg, run.folder, run.parent.source)
     args |= tokenization_processes(spec, run.stage, len(run.data.train))
     zero3 = deepspeed_settings(run, cfg, args)
+    rss_before_model = distributed.memory_mark() if cfg.run.rank_logs else None
     policy = build_policy(run, cfg, tokenizer)
     trainer = spec.make_trainer(
         TrainerInputs(
@@ -151,7 +152,7 @@ def train_stage(
     )
     use_stage_progress_bar(trainer, run.name)
     if cfg.run.rank_logs:
-        distributed.rank_logger(trainer, run.folder)
+        distributed.rank_logger(trainer, run.folder, rss_before_model)
     if policy.adapters:
         peft_handoff.resume_new_adapter(trainer)
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)

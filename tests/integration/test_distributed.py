@@ -71,7 +71,7 @@ def rank_log(folder: Path, rank: int) -> tuple[dict[int, list[str]], list[tuple[
         record = json.loads(line)
         if "rows" in record:
             rows.setdefault(record["step"], []).extend(record["rows"])
-        else:
+        elif "loss" in record:
             losses.append((record["step"], record["loss"]))
     return rows, losses
 
