@@ -11,6 +11,7 @@ imported on a machine without a GPU.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain import hub
@@ -35,6 +36,16 @@ FOUR_NORMS = ("gemma2", "gemma3", "gemma3_text")
 QK_NORM = ("qwen3", "gemma3", "gemma3_text")
 # the families parameter_counts counts exactly (tests/test_memory.py builds each to compare)
 FORMULA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "phi3")
+
+
+@dataclass
+class Estimate:
+    """Model-state bytes of a run: per GPU (or CPU worker), and in CPU memory per node."""
+
+    total: int  # parameters
+    per_gpu: float
+    cpu_per_node: float
+    basis: str  # what the figures count, for the plan's line
 
 
 def architecture(model: ModelConfig, source: str | None = None, local_only: bool = False) -> ArchitectureConfig:
@@ -116,47 +127,116 @@ def parameter_counts(arch: ArchitectureConfig) -> tuple[int, int]:
     return total, largest
 
 
-def stage_bytes_per_parameter(stage: StageConfig, cfg: Config) -> tuple[float, str]:
-    """Model-state bytes per parameter of a process that holds a stage's whole model, and what they are."""
+# --- model states: weights, gradients and Adam per process ----------------------------------
+
+# what DeepSpeed's ZeRO optimizer keeps per trained parameter, partitioned over the processes, in
+# any precision: an fp32 copy of the weights (a clone even of fp32 ones), Adam's two fp32 moments
+# and fp32 gradients (DeepSpeed's own estimate counts the same 16 on top of the 16-bit weights and
+# gradients; bench/memory.py measured 14 bytes per parameter under fp32 ZeRO-2 on 2 workers:
+# 4 + (4 + 16) / 2)
+ZERO_OPTIMIZER = 16.0
+# DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance (posttrain keeps the
+# defaults): a ZeRO-3 rank keeps gathered every parameter it uses again within 1e9 elements, so
+# a model under 1e9 parameters stays whole on every rank through forward and backward, not one
+# layer at a time as DeepSpeed's estimate assumes (bench/memory.py: ZeRO-3 held more than ZeRO-2)
+ZERO3_MAX_LIVE = 10**9
+# what DeepSpeed's estimate multiplies offloaded CPU memory by (its additional_buffer_factor): with
+# optimizer offload the CPU also holds a copy of each partition's weights to send back, so per
+# trained parameter 1.5 (b + 16) / w (bench/memory.py: ZeRO-2 offload on 2 fp32 workers measured
+# 19.5 bytes per parameter besides activations; 4 + 1.5 (4 + 16) / 2 = 19)
+OFFLOAD_BUFFER = 1.5
+
+
+@dataclass
+class Holding:
+    """What one stage's training holds, per parameter, before ZeRO partitions anything."""
+
+    trained: int  # parameters with gradients and Adam moments: the model's, or the LoRA adapters'
+    frozen: int  # parameters without: a LoRA base
+    weight_bytes: float  # per trained parameter as the model holds it; its gradient the same
+    frozen_bytes: float  # per frozen parameter
+    what: str
+
+
+def precision(dtype: str, on_gpu: bool) -> tuple[int, str]:
+    """(bytes, name) of the dtype a stage computes in (models.compute_dtype): `auto` is bf16 on a
+    GPU (this machine's GPU is asked; one elsewhere is assumed to have bf16 units), fp32 on CPU
+    workers."""
+    if on_gpu and gpu_devices_present():
+        name = str(compute_dtype(dtype)).removeprefix("torch.")
+    elif dtype == "auto":
+        name = "bfloat16" if on_gpu else "float32"
+    else:
+        name = dtype
+    return {"bfloat16": (2, "bf16"), "float16": (2, "fp16"), "float32": (4, "fp32")}[name]
+
+
+def lora_parameters(arch: ArchitectureConfig | None, r: int, targets: list[str]) -> int:
+    """Parameters of rank-`r` LoRA adapters (A: in x r, B: r x out) on the named projections of
+    every decoder layer; names the shape does not know count nothing, as does an unknown shape."""
+    if arch is None:
+        return 0
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    head_dim = arch.head_dim or hidden // arch.num_attention_heads
+    q, kv = arch.num_attention_heads * head_dim, arch.num_key_value_heads * head_dim
+    sizes = {
+        "q_proj": hidden + q, "k_proj": hidden + kv, "v_proj": hidden + kv, "o_proj": q + hidden,
+        "gate_proj": hidden + inter, "up_proj": hidden + inter, "down_proj": inter + hidden,
+        "qkv_proj": hidden + q + 2 * kv, "gate_up_proj": hidden + 2 * inter,
+    }  # fmt: skip
+    return arch.num_hidden_layers * r * sum(sizes.get(t, 0) for t in targets)
+
+
+def stage_holding(
+    stage: StageConfig, cfg: Config, arch: ArchitectureConfig | None, total: int, on_gpu: bool
+) -> Holding:
+    """What a stage trains and holds: a full fine-tune's weights in the dtype it trains them in
+    (under DeepSpeed the compute dtype: its fp32 copy is in ZERO_OPTIMIZER; without, fp32 master
+    weights for `auto` and `float16`, bf16 for `bfloat16`), or a LoRA stage's frozen base in the
+    compute dtype (NF4 for QLoRA) and its adapters (fp32 as PEFT makes them; the compute dtype
+    under DeepSpeed, which casts the whole model)."""
+    size, name = precision(cfg.model.dtype, on_gpu)
+    deepspeed = cfg.deepspeed.stage is not None
     method = stage_peft(stage, cfg.peft)
-    if method == "none":  # full fine-tuning: weights, gradients and Adam's two moments
-        # auto and float16 train fp32 master weights; bfloat16 trains bf16 ones
-        bf16 = cfg.model.dtype == "bfloat16"
-        return (8.0, "bf16 weights, gradients, Adam") if bf16 else (16.0, "fp32 weights, gradients, Adam")
-    if method == "lora":  # frozen weights in the compute dtype (on this machine); the adapters are small
-        if cfg.model.dtype == "auto" and not gpu_devices_present():
-            return 4.0, "float32 frozen weights"  # what compute_dtype gives on a CPU, without importing torch
-        dtype = compute_dtype(cfg.model.dtype)
-        return float(dtype.itemsize), f"{str(dtype).removeprefix('torch.')} frozen weights"
-    return 0.6, "NF4 frozen weights"
+    if method == "none":
+        if deepspeed:
+            return Holding(total, 0, size, 0.0, f"{name} weights and gradients, DeepSpeed's fp32 copy and Adam")
+        if cfg.model.dtype == "bfloat16":
+            return Holding(total, 0, 2, 0.0, "bf16 weights, gradients, Adam")
+        return Holding(total, 0, 4, 0.0, "fp32 weights, gradients, Adam")
+    adapters = lora_parameters(arch, cfg.peft.r, cfg.peft.target_modules or cfg.model.lora_target_modules)
+    frozen, frozen_name = (size, f"{name} frozen weights") if method == "lora" else (0.6, "NF4 frozen weights")
+    return Holding(adapters, total, size if deepspeed else 4, frozen, f"{frozen_name}, LoRA adapters and Adam")
 
 
-def memory_per_gpu(
-    ds: DeepSpeedConfig, total: int, largest: int, gpus: int, nodes: int, whole: float = 16.0
-) -> tuple[float, float]:
-    """DeepSpeed's own estimate of model-state memory (params, gradients, optimizer), in bytes:
-    (per GPU, CPU per node); without ZeRO, `whole` bytes per parameter. Activations come on top."""
-    if ds.stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+def model_states(ds: DeepSpeedConfig, hold: Holding, gpus: int, nodes: int) -> tuple[float, float]:
+    """Model-state bytes (weights, gradients, Adam) of each process, and in CPU memory per node
+    (offloaded states), for `gpus` processes on each of `nodes` nodes. Activations come on top.
 
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            total,
-            largest,
-            num_gpus_per_node=gpus,
-            num_nodes=nodes,
-            cpu_offload=ds.offload_optimizer,
-            cpu_offload_params=ds.offload_param,
-            zero_init=True,
-        )
-        return gpu, cpu
+    N trained parameters of b bytes, F frozen ones of f bytes, w processes:
+      no ZeRO  f F + (4 b + DDP's bucket copy of the gradients, b when w > 1) N: torch's AdamW keeps
+               its moments in the weights' dtype (measured under DDP: 20 bytes per fp32 parameter)
+      ZeRO-1/2 f F + b N + (b + 16) N / w   (the weights whole; gradients and the optimizer
+               partitioned; ZeRO-1 measured within 6% of ZeRO-2 in DeepSpeed 0.19)
+      ZeRO-3   (f F + (2 b + 16) N) / w + gathered weights, whole up to ZERO3_MAX_LIVE parameters
+    Optimizer offload moves the 16 N / w to CPU memory (ZeRO-3: with parameter offload the
+    weights' partitions too); the frozen base of LoRA is replicated like weights under ZeRO-1/2
+    and partitioned under ZeRO-3."""
+    n, f, b, frozen = hold.trained, hold.frozen_bytes, hold.weight_bytes, hold.frozen
+    world = gpus * nodes
+    if ds.stage is None:
+        return f * frozen + (4 * b + (b if world > 1 else 0)) * n, 0.0
+    optimizer, cpu = (b + ZERO_OPTIMIZER) * n / world, 0.0  # gradients, fp32 copy, Adam: partitioned
+    if ds.offload_optimizer:  # all in CPU memory, with a copy of the weights' partition
+        optimizer, cpu = 0.0, gpus * OFFLOAD_BUFFER * (b + ZERO_OPTIMIZER) * n / world
     if ds.stage in (1, 2):
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        cpu, gpu = estimate_zero2_model_states_mem_needs(
-            total, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=ds.offload_optimizer
-        )
-        return gpu, cpu
-    return whole * total, 0.0  # no ZeRO: every process holds the whole model
+        return f * frozen + b * n + optimizer, cpu
+    gathered = f * min(frozen, ZERO3_MAX_LIVE) + b * min(n, ZERO3_MAX_LIVE)
+    weights = (f * frozen + b * n) / world  # each rank's partition
+    if ds.offload_param:
+        cpu += gpus * weights
+        weights = 0.0
+    return gathered + weights + optimizer, cpu
 
 
 def layer_activation_bytes(arch: ArchitectureConfig) -> float:
@@ -198,9 +278,8 @@ def activation_checkpointing(
         total, largest = model_parameter_counts(cfg.model, source, local_only)
     except OSError as e:  # no shape to estimate from: as without auto
         return False, f"no estimate ({str(e).strip().splitlines()[0][:200]})"
-    whole, _ = stage_bytes_per_parameter(stage, cfg)
-    per_node, nodes = processes_per_node(cfg.launcher), cfg.launcher.nnodes
-    states, _ = memory_per_gpu(cfg.deepspeed, total, largest, per_node, nodes, whole)
+    hold = stage_holding(stage, cfg, arch, total, on_gpu=True)
+    states, _ = model_states(cfg.deepspeed, hold, processes_per_node(cfg.launcher), cfg.launcher.nnodes)
     length = stage.max_length or arch.max_position_embeddings
     need = states + activation_bytes(arch, sequences_per_forward(stage, data_kind), length)
     on = need > USABLE_SHARE * capacity

@@ -15,6 +15,7 @@ from pathlib import Path
 from posttrain import hub, memory
 from posttrain.config import (
     STAGE_PREFIX,
+    ArchitectureConfig,
     Config,
     DataConfig,
     DataSource,
@@ -382,11 +383,35 @@ def plan_lines(cfg: Config) -> list[str]:
     return lines + memory_lines(cfg, world, per_node)
 
 
-def whole_model_bytes(cfg: Config) -> tuple[float, str]:
-    """stage_bytes_per_parameter of the chain's heaviest trained stage."""
+def heaviest_stage(cfg: Config, total: int, arch: ArchitectureConfig | None, on_gpu: bool) -> memory.Holding:
+    """memory.stage_holding of the chain's trained stage that needs the most model-state memory."""
+    ds, per_node, nodes = cfg.deepspeed, processes_per_node(cfg.launcher), cfg.launcher.nnodes
     trained = [s for s in cfg.stages.values() if STAGES[s.method].make_trainer is not None]
-    most = max((memory.stage_bytes_per_parameter(s, cfg) for s in trained), default=None)
-    return most or (16.0, "fp32 weights, gradients, Adam")
+    holdings = [memory.stage_holding(s, cfg, arch, total, on_gpu) for s in trained]
+    if not holdings:  # data stages alone: as a full fine-tune would
+        holdings = [memory.Holding(total, 0, 4.0, 0.0, "fp32 weights, gradients, Adam")]
+    return max(holdings, key=lambda hold: memory.model_states(ds, hold, per_node, nodes)[0])
+
+
+def model_state_estimate(cfg: Config, local_only: bool = False, on_gpu: bool | None = None) -> memory.Estimate:
+    """The model-state memory of the chain's heaviest trained stage, per GPU (default: on GPUs
+    when this machine has one, else on CPU workers) and CPU per node, for this config's DeepSpeed
+    settings and processes. OSError: no shape to estimate from."""
+    on_gpu = gpu_devices_present() if on_gpu is None else on_gpu
+    total, _ = memory.model_parameter_counts(cfg.model, local_only=local_only)
+    try:
+        arch = memory.architecture(cfg.model, local_only=local_only)
+    except OSError:  # a family counted by building it: LoRA adapters not counted
+        arch = None
+    hold = heaviest_stage(cfg, total, arch, on_gpu)
+    ds, per_node, nodes = cfg.deepspeed, processes_per_node(cfg.launcher), cfg.launcher.nnodes
+    gpu, cpu = memory.model_states(ds, hold, per_node, nodes)
+    if ds.stage is not None:
+        basis = f"ZeRO-{ds.stage}: {hold.what}"
+    else:
+        ddp = ", DDP's gradient buckets" if per_node * nodes > 1 else ""
+        basis = f"{gpu / total:.2g} bytes per parameter: {hold.what}{ddp}"
+    return memory.Estimate(total, gpu, cpu, basis)
 
 
 def memory_lines(cfg: Config, world: int, per_node: int) -> list[str]:
@@ -396,18 +421,17 @@ def memory_lines(cfg: Config, world: int, per_node: int) -> list[str]:
     # one plain process: an estimate only from a config already on this machine (no hub request)
     alone = world == 1 and ds.stage is None
     try:
-        total, largest = memory.model_parameter_counts(cfg.model, local_only=alone)
+        found = model_state_estimate(cfg, local_only=alone, on_gpu=True)
+        here = None if gpu_devices_present() else model_state_estimate(cfg, local_only=alone, on_gpu=False)
     except OSError as e:  # a hub id offline with no registry numbers, a folder without config.json
         return [] if alone else [f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})"]
-    whole, what = whole_model_bytes(cfg)
-    gpu, cpu = memory.memory_per_gpu(ds, total, largest, per_node, cfg.launcher.nnodes, whole)
-    basis = f"DeepSpeed's estimate for ZeRO-{ds.stage}" if ds.stage else f"{whole:g} bytes per parameter: {what}"
-    if ds.stage == 1:
-        basis += " (its ZeRO-2 formula: ZeRO-1 also keeps whole gradients)"
-    on_cpu = f", CPU per node {memory.gib(cpu)}" if ds.stage else ""
-    states = f"model states per GPU {memory.gib(gpu)}{on_cpu} ({basis}; activations come on top)"
-    lines = [f"memory: {memory.count(total)} parameters; {states}"]
-    if (capacity := memory.gpu_memory()) and gpu > capacity:
+    on_cpu = f", CPU per node {memory.gib(found.cpu_per_node)}" if found.cpu_per_node else ""
+    states = f"model states per GPU {memory.gib(found.per_gpu)}{on_cpu} ({found.basis}; activations come on top)"
+    if here is not None and here.per_gpu != found.per_gpu:  # CPU workers train in fp32
+        on_cpu = f", CPU per node {memory.gib(here.cpu_per_node)}" if here.cpu_per_node else ""
+        states += f"; on this machine's CPU workers {memory.gib(here.per_gpu)} each{on_cpu} ({here.basis})"
+    lines = [f"memory: {memory.count(found.total)} parameters; {states}"]
+    if (capacity := memory.gpu_memory()) and found.per_gpu > capacity:
         lines.append(
             f"memory: more than this GPU's {memory.gib(capacity)}; model.dtype=bfloat16 (8 bytes per parameter), "
             "peft=lora (2), or deepspeed=zero3 over several GPUs"

@@ -214,3 +214,99 @@ def test_a_family_the_formula_does_not_know_is_counted_by_building_it(tmp_path):
     cfg = load_config(compose_tree([f"model.path={tmp_path / 'gpt2'}"]))
     assert memory.model_parameter_counts(cfg.model)[0] == total
     assert any(line.startswith(f"memory: {memory.count(total)} parameters") for line in plan_lines(cfg))
+
+
+# --- model states per process ---------------------------------------------------------------
+
+N, ADAPTERS, LARGE = 118_800_000, 2_200_000, 7_000_000_000
+
+
+def ds(stage, offload_optimizer=False, offload_param=False):
+    from posttrain.config import DeepSpeedConfig
+
+    return DeepSpeedConfig(stage=stage, offload_optimizer=offload_optimizer, offload_param=offload_param)
+
+
+def full(total, weight_bytes):
+    return memory.Holding(total, 0, weight_bytes, 0.0, "full")
+
+
+def lora(base, adapters, weight_bytes, frozen_bytes):
+    return memory.Holding(adapters, base, weight_bytes, frozen_bytes, "lora")
+
+
+def test_16_bit_zero2_states_are_deepspeeds_own_estimate():
+    """With bf16 weights (b = 2) the ZeRO-2 formula is DeepSpeed's: 2 N + 18 N / w."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    for gpus, nodes in ((2, 1), (8, 4)):
+        _, gpu = estimate_zero2_model_states_mem_needs(LARGE, gpus, nodes, cpu_offload=False)
+        assert memory.model_states(ds(2), full(LARGE, 2), gpus, nodes)[0] == pytest.approx(gpu)
+
+
+def test_fp32_states_per_process_without_and_with_zero():
+    """CPU workers train fp32 (b = 4): 16 bytes per parameter alone, 20 under DDP (its gradient
+    buckets), 4 + 20 / w under ZeRO-1/2, and under ZeRO-3 a model under 1e9 parameters gathered
+    whole plus (4 + 4 + 16) / w."""
+    assert memory.model_states(ds(None), full(N, 4), 1, 1) == (16 * N, 0.0)
+    assert memory.model_states(ds(None), full(N, 4), 2, 1) == (20 * N, 0.0)
+    assert memory.model_states(ds(None), full(N, 2), 2, 1) == (10 * N, 0.0)  # model.dtype=bfloat16
+    for stage in (1, 2):
+        assert memory.model_states(ds(stage), full(N, 4), 2, 1) == (4 * N + 20 * N / 2, 0.0)
+    assert memory.model_states(ds(3), full(N, 4), 2, 1) == (4 * N + 24 * N / 2, 0.0)
+
+
+def test_zero3_gathers_at_most_deepspeeds_live_parameters():
+    gathered = 2 * memory.ZERO3_MAX_LIVE
+    assert memory.model_states(ds(3), full(LARGE, 2), 8, 4)[0] == gathered + 20 * LARGE / 32
+
+
+def test_offload_moves_the_optimizer_and_the_parameters_to_cpu():
+    per_rank = memory.OFFLOAD_BUFFER * 20 * N / 2  # b + 16 bytes per trained parameter, partitioned
+    assert memory.model_states(ds(2, True), full(N, 4), 2, 1) == (4 * N, 2 * per_rank)
+    # ZeRO-3: each rank's partition of the weights goes to CPU memory too; the gathered weights stay
+    assert memory.model_states(ds(3, True, True), full(N, 4), 2, 1) == (4 * N, 2 * (per_rank + 4 * N / 2))
+
+
+def test_lora_base_is_replicated_under_zero1_and_2_and_partitioned_under_zero3():
+    """Only the adapters have gradients and Adam moments; the frozen base is held whole by every
+    process under DDP and ZeRO-1/2, and partitioned (base bytes / world) under ZeRO-3."""
+    base, adapter_states = 2 * LARGE, (2 + 16) * ADAPTERS / 8  # bf16 base; adapter grads, copy, Adam
+    hold = lora(LARGE, ADAPTERS, 2, 2)
+    for stage in (1, 2):
+        assert memory.model_states(ds(stage), hold, 8, 1)[0] == base + 2 * ADAPTERS + adapter_states
+    gathered = 2 * memory.ZERO3_MAX_LIVE + 2 * ADAPTERS
+    assert memory.model_states(ds(3), hold, 8, 1)[0] == gathered + (base + 2 * ADAPTERS) / 8 + adapter_states
+    # no DeepSpeed: the fp32 adapters' weights, gradients and Adam (16 bytes) and DDP's buckets (4)
+    assert memory.model_states(ds(None), lora(LARGE, ADAPTERS, 4, 2), 8, 1)[0] == base + 20 * ADAPTERS
+
+
+def test_lora_parameters_equal_what_peft_adds():
+    from peft import LoraConfig, get_peft_model
+
+    config = FAMILY_SHAPES["qwen2"]
+    model = AutoModelForCausalLM.from_config(config)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert memory.lora_parameters(ArchitectureConfig.from_json(config.to_dict()), 8, targets) == trainable
+
+
+def test_plan_estimates_gpus_and_this_machines_cpu_workers(tmp_path, monkeypatch):
+    """On a machine without a GPU, `auto` trains fp32: the plan gives the bf16 GPU figure and the
+    CPU workers' one."""
+    from posttrain import plan
+    from posttrain.plan import model_state_estimate, plan_lines
+
+    monkeypatch.setattr(plan, "gpu_devices_present", lambda: False)
+    monkeypatch.setattr(memory, "gpu_devices_present", lambda: False)
+    source = config_folder(tmp_path, "model", QWEN_05B)
+    cfg = load_config(
+        compose_tree([f"model.path={source}", "deepspeed=zero2", "launcher=deepspeed", "launcher.gpus=2"])
+    )
+    total = memory.parameter_counts(ArchitectureConfig.from_json(QWEN_05B.to_dict()))[0]
+    assert model_state_estimate(cfg, on_gpu=True).per_gpu == 2 * total + 18 * total / 2
+    assert model_state_estimate(cfg, on_gpu=False).per_gpu == 4 * total + 20 * total / 2
+    line = next(line for line in plan_lines(cfg) if line.startswith("memory:"))
+    assert f"per GPU {memory.gib(11 * total)} (ZeRO-2: bf16 weights" in line
+    assert f"on this machine's CPU workers {memory.gib(14 * total)} each (ZeRO-2: fp32 weights" in line
