@@ -140,10 +140,10 @@ ZERO_OPTIMIZER = 16.0
 # a model under 1e9 parameters stays whole on every rank through forward and backward, not one
 # layer at a time as DeepSpeed's estimate assumes (bench/memory.py: ZeRO-3 held more than ZeRO-2)
 ZERO3_MAX_LIVE = 10**9
-# what DeepSpeed's estimate multiplies offloaded CPU memory by (its additional_buffer_factor): with
-# optimizer offload the CPU also holds a copy of each partition's weights to send back, so per
-# trained parameter 1.5 (b + 16) / w (bench/memory.py: ZeRO-2 offload on 2 fp32 workers measured
-# 19.5 bytes per parameter besides activations; 4 + 1.5 (4 + 16) / 2 = 19)
+# what DeepSpeed's estimate multiplies offloaded CPU memory by (its additional_buffer_factor);
+# ZeRO-1/2's offload also keeps a copy of each partition's weights in CPU memory to send back
+# (bench/memory.py, 2 fp32 workers, besides activations: ZeRO-2 offload 19.3 bytes per parameter,
+# 4 + 1.5 (4 + 16) / 2 = 19 estimated; ZeRO-3 with both offloads 16.6, 4 + 1.5 (16 + 4) / 2 = 19)
 OFFLOAD_BUFFER = 1.5
 
 
@@ -213,30 +213,36 @@ def model_states(ds: DeepSpeedConfig, hold: Holding, gpus: int, nodes: int) -> t
     """Model-state bytes (weights, gradients, Adam) of each process, and in CPU memory per node
     (offloaded states), for `gpus` processes on each of `nodes` nodes. Activations come on top.
 
-    N trained parameters of b bytes, F frozen ones of f bytes, w processes:
-      no ZeRO  f F + (4 b + DDP's bucket copy of the gradients, b when w > 1) N: torch's AdamW keeps
-               its moments in the weights' dtype (measured under DDP: 20 bytes per fp32 parameter)
-      ZeRO-1/2 f F + b N + (b + 16) N / w   (the weights whole; gradients and the optimizer
-               partitioned; ZeRO-1 measured within 6% of ZeRO-2 in DeepSpeed 0.19)
-      ZeRO-3   (f F + (2 b + 16) N) / w + gathered weights, whole up to ZERO3_MAX_LIVE parameters
-    Optimizer offload moves the 16 N / w to CPU memory (ZeRO-3: with parameter offload the
-    weights' partitions too); the frozen base of LoRA is replicated like weights under ZeRO-1/2
-    and partitioned under ZeRO-3."""
+    N trained parameters of b bytes, F frozen ones of f bytes, w processes (bench/memory.py
+    measures each on 2 fp32 CPU workers):
+      no ZeRO  f F + (4 b + b when w > 1) N: torch's AdamW keeps its moments in the weights' dtype;
+               DDP's buckets copy the gradients (measured: 20 bytes per fp32 parameter, not 16)
+      ZeRO-1/2 f F + b N + (b + 16) N / w: the weights whole, gradients and DeepSpeed's fp32 copy
+               and Adam partitioned (ZeRO-1 measured within 3% of ZeRO-2 in DeepSpeed 0.19: its
+               gradients are reduced into partitions too)
+      ZeRO-3   (f F + (2 b + 16) N) / w + the gathered weights, whole up to ZERO3_MAX_LIVE
+               parameters (measured: 4 + 24 / 2 bytes per fp32 parameter, not 24 / 2)
+    Optimizer offload moves the partitioned gradients, fp32 copy and Adam (ZeRO-1/2: and a copy
+    of the weights' partition) to CPU memory, parameter offload each rank's weights, all times
+    OFFLOAD_BUFFER. The
+    frozen base of LoRA is replicated like weights under ZeRO-1/2 and partitioned under ZeRO-3.
+    DeepSpeed's own estimate assumes 16-bit weights (b = 2) and one gathered layer under ZeRO-3;
+    with b = 2 the ZeRO-1/2 formula is its own."""
     n, f, b, frozen = hold.trained, hold.frozen_bytes, hold.weight_bytes, hold.frozen
     world = gpus * nodes
     if ds.stage is None:
         return f * frozen + (4 * b + (b if world > 1 else 0)) * n, 0.0
-    optimizer, cpu = (b + ZERO_OPTIMIZER) * n / world, 0.0  # gradients, fp32 copy, Adam: partitioned
-    if ds.offload_optimizer:  # all in CPU memory, with a copy of the weights' partition
-        optimizer, cpu = 0.0, gpus * OFFLOAD_BUFFER * (b + ZERO_OPTIMIZER) * n / world
+    gradients, optimizer, cpu = b * n / world, ZERO_OPTIMIZER * n / world, 0.0  # partitioned
+    if ds.offload_optimizer:  # gradients reduced into CPU memory: ZERO_OPTIMIZER's fp32 ones
+        cpu, gradients, optimizer = gpus * OFFLOAD_BUFFER * optimizer, 0.0, 0.0
     if ds.stage in (1, 2):
-        return f * frozen + b * n + optimizer, cpu
+        copy = gpus * OFFLOAD_BUFFER * b * n / world if ds.offload_optimizer else 0.0  # the weights' partition
+        return f * frozen + b * n + gradients + optimizer, cpu + copy
     gathered = f * min(frozen, ZERO3_MAX_LIVE) + b * min(n, ZERO3_MAX_LIVE)
     weights = (f * frozen + b * n) / world  # each rank's partition
     if ds.offload_param:
-        cpu += gpus * weights
-        weights = 0.0
-    return gathered + weights + optimizer, cpu
+        cpu, weights = cpu + gpus * OFFLOAD_BUFFER * weights, 0.0
+    return gathered + weights + gradients + optimizer, cpu
 
 
 def layer_activation_bytes(arch: ArchitectureConfig) -> float:

@@ -262,10 +262,12 @@ def test_zero3_gathers_at_most_deepspeeds_live_parameters():
 
 
 def test_offload_moves_the_optimizer_and_the_parameters_to_cpu():
-    per_rank = memory.OFFLOAD_BUFFER * 20 * N / 2  # b + 16 bytes per trained parameter, partitioned
-    assert memory.model_states(ds(2, True), full(N, 4), 2, 1) == (4 * N, 2 * per_rank)
-    # ZeRO-3: each rank's partition of the weights goes to CPU memory too; the gathered weights stay
-    assert memory.model_states(ds(3, True, True), full(N, 4), 2, 1) == (4 * N, 2 * (per_rank + 4 * N / 2))
+    buffer = memory.OFFLOAD_BUFFER
+    # ZeRO-2: fp32 gradients, copy and Adam (16), and a copy of the weights' partition (4)
+    assert memory.model_states(ds(2, True), full(N, 4), 2, 1) == (4 * N, 2 * buffer * 20 * N / 2)
+    # ZeRO-3: the 16; with parameter offload each rank's weights too; the gathered weights stay
+    assert memory.model_states(ds(3, True), full(N, 4), 2, 1) == (4 * N + 4 * N / 2, 2 * buffer * 16 * N / 2)
+    assert memory.model_states(ds(3, True, True), full(N, 4), 2, 1) == (4 * N, 2 * buffer * 20 * N / 2)
 
 
 def test_lora_base_is_replicated_under_zero1_and_2_and_partitioned_under_zero3():
