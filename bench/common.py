@@ -15,7 +15,8 @@ from posttrain.report.table import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 WORDS = "the a of to and in is it you that he was for on are with as his they be at one have this".split()
-# name -> LlamaConfig fields; "20m" is the CPU default of the field notes, "qwen0.5b" Qwen2.5-0.5B's shape
+# name -> LlamaConfig fields; "20m" is the CPU default of the field notes, "qwen0.5b" Qwen2.5-0.5B's
+# shape, "qwen0.5b-6l" the same layers (no q/k/v biases) 6 deep with a 32k vocabulary: 119M parameters
 SIZES = {
     "tiny": dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
@@ -30,6 +31,15 @@ SIZES = {
         num_attention_heads=14,
         num_key_value_heads=2,
         vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen0.5b-6l": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=6,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=32768,
         tie_word_embeddings=True,
     ),
 }
