@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path in one go (bf16, sdpa on CUDA, throughput and MFU, the default recipe end to end).
 #   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft|deepspeed]
-#   (peft: QLoRA and LoRA hand-off on CUDA only; deepspeed: the default recipe under ZeRO-3
+#   (peft: QLoRA and LoRA hand-off on CUDA only, and both under ZeRO-3; deepspeed: the default recipe under ZeRO-3
 #   through the deepspeed launcher, beside the same recipe in one plain process)
 # On a GPU machine with no package index: carry wheels of what it lacks in .whl/ (trl, datasets,
 # hydra-core, omegaconf, antlr4-python3-runtime, transformers, dill, multiprocess; for peft:
@@ -16,7 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 fi
-if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1 && [ "$what" = deepspeed ]; then
+if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1 && { [ "$what" = deepspeed ] || [ "$what" = peft ]; }; then
   # a target of its own: pip --target does not add scripts (the `deepspeed` launcher) to an existing bin/
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/ds-site \
     .whl/deepspeed-*.tar.gz 2>&1 | tail -3
@@ -41,7 +41,9 @@ if [ "$what" = peft ]; then
   fast="data.builtin.num_sft=256 data.builtin.num_preference=128 data.builtin.num_test=32 sft.max_steps=12
     sft.per_device_train_batch_size=16 sft.learning_rate=3e-3 align.max_steps=6 align.per_device_train_batch_size=16
     align.learning_rate=3e-4 sft.eval.num_prompts=16 align.eval.num_prompts=16"
-  for peft in "peft=qlora" "peft=lora peft.handoff=stack"; do
+  # QLoRA and LoRA under ZeRO-3 (one GPU is enough to partition, gather and merge through DeepSpeed)
+  for peft in "peft=qlora" "peft=lora peft.handoff=stack" "peft=qlora deepspeed=zero3 launcher=deepspeed launcher.gpus=1" \
+    "peft=lora deepspeed=zero3 launcher=deepspeed launcher.gpus=1"; do
     timeout 200 python3 -m posttrain.cli $peft $fast run.output_dir="/tmp/run-${peft//[^a-z]/}" \
       run.cache_dir=/tmp/posttrain-cache 2>&1 | grep -v -i warn | tail -8 | tee -a "$out/peft_runs.log"
   done

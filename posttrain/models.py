@@ -190,12 +190,15 @@ def load_model(
     if quantize_4bit:
         import torch
         from transformers import BitsAndBytesConfig
+        from transformers.integrations import is_deepspeed_zero3_enabled
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            # ZeRO-3 partitions floating-point tensors only: the packed 4-bit weights are stored as bf16
+            bnb_4bit_quant_storage=torch.bfloat16 if is_deepspeed_zero3_enabled() else torch.uint8,
         )
     if kind == "reward":
         return AutoModelForSequenceClassification.from_pretrained(

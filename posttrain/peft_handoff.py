@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain import artifacts
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel
 
     from posttrain.config import ModelConfig, PeftConfig
@@ -54,7 +55,7 @@ def lora_config(peft: PeftConfig, model_cfg: ModelConfig, model_kind: str) -> An
     )
 
 
-def _with_adapters(model: PreTrainedModel, adapters: list[str]) -> Any:
+def with_adapters(model: PreTrainedModel, adapters: list[str]) -> Any:
     """A PeftModel with every adapter in `adapters` loaded, frozen and adding its update."""
     from peft import PeftModel
 
@@ -68,7 +69,7 @@ def _with_adapters(model: PreTrainedModel, adapters: list[str]) -> Any:
 
 def stack_adapters(model: PreTrainedModel, adapters: list[str], new_config: Any) -> Any:
     """`model` with the earlier `adapters` on it, frozen, and a new trainable adapter on top."""
-    stacked = _with_adapters(model, adapters)
+    stacked = with_adapters(model, adapters)
     frozen = list(stacked.peft_config)
     stacked.add_adapter(NEW, new_config)
     stacked.base_model.set_adapter([*frozen, NEW])
@@ -130,24 +131,66 @@ def resume_new_adapter(trainer: Any) -> None:
     trainer._load_from_checkpoint = load
 
 
-def merged_model(trained: Any, base: str, adapters: list[str], load_base) -> PreTrainedModel:
-    """The trained PEFT model as one plain model: base + every adapter, merged. A 4-bit base is
-    loaded again in full precision first (merging into NF4 weights would round the update)."""
-    if not _quantized(trained):
-        return trained.merge_and_unload()  # merges every active adapter
-    return _with_adapters(load_base(base), adapters).merge_and_unload()
+def gathered_states(trained: Any, merge: bool, main: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Under ZeRO-3 (every rank calls it; one parameter gathered at a time, so no process ever
+    holds more than its partition and one whole parameter): on the `main` rank, (the merged
+    model's state dict if `merge`, else {}; the new adapter's state dict, in PEFT's names); ({},
+    {}) on the others.
+
+    Merged weights are PEFT's merge: base + the sum over the active adapters of scale x B @ A,
+    added in float32 and stored in the base weight's dtype."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from peft.tuners.lora import LoraLayer
+
+    merged: dict[str, torch.Tensor] = {}
+    adapter = {name: p for name, p in trained.named_parameters() if p.requires_grad}  # the new adapter's
+    for name, param in adapter.items():
+        with GatheredParameters([param]):
+            if main:
+                adapter[name] = param.detach().cpu().clone()
+    if not merge:
+        return merged, adapter if main else {}
+    base = trained.get_base_model()
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in base.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if any(part in name for part in (".lora_", ".original_module.")):
+            continue  # adapter weights are merged into their layer; a head PEFT trains replaces its original
+        layer = layers.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") else None
+        lora = _lora_parameters(layer) if layer is not None and leaf == "weight" else []
+        with GatheredParameters([param, *lora]):
+            if main:
+                value = param.detach().float()
+                for active in layer.active_adapters if lora else []:
+                    value = value + layer.get_delta_weight(active).float()
+                merged[_plain_name(name)] = value.to(param.dtype).cpu().clone()
+    return merged, adapter if main else {}
 
 
-def _quantized(model: Any) -> bool:
+def _lora_parameters(layer: Any) -> list[Any]:
+    """The A and B matrices of every active adapter of a LoRA layer."""
+    return [p for a in layer.active_adapters for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name in the model without PEFT's wrappers (a LoRA layer's base weight, a
+    trained head's copy)."""
+    return name.replace(".base_layer.", ".").replace(f".modules_to_save.{NEW}.", ".")
+
+
+def quantized(model: Any) -> bool:
     config = getattr(model, "config", None)
     return getattr(config, "quantization_config", None) is not None
 
 
-def save_adapter(trained: Any, folder: Path, base: str, earlier: list[str], stack: bool) -> list[str]:
-    """Write the stage's own adapter to `folder/adapter/`; for `stack` also its lineage. Returns
-    every adapter of the stage's model, in order."""
+def save_adapter(
+    trained: Any, folder: Path, base: str, earlier: list[str], stack: bool, state_dict: dict | None = None
+) -> list[str]:
+    """Write the stage's own adapter to `folder/adapter/` (its weights from `state_dict` when
+    given: gathered under ZeRO-3); for `stack` also its lineage. Returns every adapter of the
+    stage's model, in order."""
     own = folder / ADAPTER_DIR
-    trained.save_pretrained(own, selected_adapters=[NEW])
+    trained.save_pretrained(own, selected_adapters=[NEW], state_dict=state_dict)
     adapters = [*earlier, str(own.resolve())]
     if stack:
         artifacts.write_json_atomic(folder / LINEAGE, {"base": base, "adapters": adapters})

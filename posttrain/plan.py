@@ -213,16 +213,7 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
 def check_distributed(cfg: Config) -> None:
     """Mistakes that would only crash on the cluster, found where the config is composed (the
     checks of the chain and of each section ran already)."""
-    ds, launcher = cfg.deepspeed, cfg.launcher
-    if ds.stage == 3:
-        for name, stage in cfg.stages.items():
-            peft = stage_peft(stage, cfg.peft)
-            require(
-                peft == "none",
-                f"{name}.peft" if stage.peft else "peft.method",
-                f"{peft} under deepspeed.stage=3 is not supported: ZeRO-3 partitions the base weights that "
-                "4-bit loading and the LoRA merge need; use deepspeed=zero2 (or zero2_offload) for LoRA stages",
-            )
+    launcher = cfg.launcher
     if launcher.name == "deepspeed" and launcher.hostfile:
         path = Path(launcher.hostfile).expanduser()
         require(not path.is_dir(), "launcher.hostfile", f"{path} is a folder; give the hostfile in it")

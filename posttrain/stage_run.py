@@ -170,7 +170,10 @@ def train_stage(
     trained = trainer.model
     if zero3 is not None:
         # the weights are partitioned over the ranks: gathered into rank 0's save, then read back
-        trainer.save_model(str(run.folder))
+        if stage_peft(run.stage, cfg.peft) == "none":
+            trainer.save_model(str(run.folder))
+        else:
+            save_partitioned_lora(trained, policy, run, cfg)
         distributed.barrier()
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -180,6 +183,26 @@ def train_stage(
         trained = merged(trained, policy, run, cfg)
     del trainer, policy, zero3
     return trained, metrics
+
+
+def save_partitioned_lora(trained, policy: Policy, run: StageRun, cfg: Config) -> None:
+    """A LoRA stage under ZeRO-3 (every rank calls it): the merged model and the stage's adapter,
+    gathered one parameter at a time and written by rank 0. A 4-bit base is merged again from its
+    full-precision weights, as without ZeRO-3."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    main, quantized = distributed.is_main(), stage_peft(run.stage, cfg.peft) == "qlora"
+    state, adapter_state = peft_handoff.gathered_states(trained, merge=not quantized, main=main)
+    unset_hf_deepspeed_config()  # rank 0's load of a full-precision base must not be partitioned
+    if not main:
+        return
+    if policy.stack or cfg.peft.save_adapter or quantized:
+        adapters = peft_handoff.save_adapter(
+            trained, run.folder, policy.base, policy.adapters, policy.stack, state_dict=adapter_state
+        )
+    if quantized:
+        state = load_full_precision_merged(run, cfg, policy.base, adapters).state_dict()
+    trained.get_base_model().save_pretrained(run.folder, state_dict=state, safe_serialization=True)
 
 
 def stage_reward(run: StageRun, cfg: Config, tokenizer):
@@ -249,10 +272,16 @@ def merged(trained, policy: Policy, run: StageRun, cfg: Config) -> PreTrainedMod
     if policy.stack or cfg.peft.save_adapter or stage_peft(run.stage, cfg.peft) == "qlora":
         adapters = peft_handoff.save_adapter(trained, run.folder, policy.base, policy.adapters, policy.stack)
 
-    def load_full_precision(source: str) -> PreTrainedModel:
-        return models.load_model(source, cfg.model, STAGES[run.stage.method].model_kind)
+    if peft_handoff.quantized(trained):
+        return load_full_precision_merged(run, cfg, policy.base, adapters)
+    return trained.merge_and_unload()  # merges every active adapter
 
-    return peft_handoff.merged_model(trained, policy.base, adapters, load_full_precision)
+
+def load_full_precision_merged(run: StageRun, cfg: Config, base: str, adapters: list[str]) -> PreTrainedModel:
+    """The base in full precision with `adapters` merged in (merging into 4-bit weights would
+    round the update)."""
+    full = models.load_model(base, cfg.model, STAGES[run.stage.method].model_kind)
+    return peft_handoff.with_adapters(full, adapters).merge_and_unload()
 
 
 def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:

@@ -135,15 +135,6 @@ def test_iterative_dpo_with_its_reference_pinned_to_sft(tmp_path, cache_dir, cap
             "choose a multiple of 32 or change sft.per_device_train_batch_size",
         ),
         (
-            ["deepspeed=zero3", "peft=lora"],
-            "peft.method: lora under deepspeed.stage=3 is not supported: ZeRO-3 partitions the base weights that "
-            "4-bit loading and the LoRA merge need; use deepspeed=zero2 (or zero2_offload) for LoRA stages",
-        ),
-        (
-            ["deepspeed=zero3", "+align.peft=lora"],
-            "align.peft: lora under deepspeed.stage=3 is not supported",
-        ),
-        (
             ["launcher=deepspeed", "launcher.hostfile=/no/such/hostfile"],
             "launcher.hostfile: /no/such/hostfile does not exist",
         ),

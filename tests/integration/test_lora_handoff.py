@@ -61,7 +61,13 @@ def lora_delta(adapter: Path) -> dict[str, torch.Tensor]:
 
 
 def test_each_merged_model_is_its_base_plus_its_adapters(handoff_run, cache_dir):
-    policy, out, cfg = handoff_run
+    _, out, cfg = handoff_run
+    assert_merged_models(out, cfg, cache_dir)
+
+
+def assert_merged_models(out: Path, cfg, cache_dir: Path) -> None:
+    """SFT's model is base + its adapter; DPO's, that plus DPO's adapter (merge: DPO's LoRA sits on
+    the merged SFT model; stack: on the base, beside the SFT adapter); every other weight is the base's."""
     base = load_file(str(Path(models.base_model_source(cfg.model, cache_dir)) / "model.safetensors"))
     sft_delta = lora_delta(out / "sft" / "adapter")
     align_delta = lora_delta(out / "align" / "adapter")
@@ -69,7 +75,7 @@ def test_each_merged_model_is_its_base_plus_its_adapters(handoff_run, cache_dir)
     assert len(sft_delta) == cfg.model.tiny.num_layers * len(cfg.model.lora_target_modules)
     sft = load_file(str(out / "sft" / "model.safetensors"))
     align = load_file(str(out / "align" / "model.safetensors"))
-    # merge: DPO's LoRA sits on the merged SFT model; stack: on the base, beside the SFT adapter
+    assert sft.keys() == align.keys() == base.keys(), "plain models, no adapter keys"
     for name in sft_delta:
         expected_sft = base[name].double() + sft_delta[name]
         assert torch.allclose(sft[name].double(), expected_sft, atol=1e-5)
@@ -96,6 +102,10 @@ def test_stacked_reference_is_the_sft_model(handoff_run, cache_dir):
     policy, out, cfg = handoff_run
     if policy != "stack":
         pytest.skip("merge: the reference is the merged SFT folder itself; qlora: a 4-bit base differs from it")
+    assert_stacked_reference(out, cfg)
+
+
+def assert_stacked_reference(out: Path, cfg) -> None:
     chain = peft_handoff.lineage(str(out / "sft"))
     model = models.load_model(chain["base"], cfg.model)
     new_adapter = peft_handoff.lora_config(cfg.peft, cfg.model, "causal_lm")
