@@ -1,13 +1,13 @@
 """Model-state memory per rank: `posttrain plan=true`'s estimate beside the peak each worker measured.
 
-    python bench/memory.py                              # 119M model, 2 CPU workers, 8 configs: ~16 min
+    python bench/memory.py                              # 119M model, 2 CPU workers, 9 configs: ~17 min
     python bench/memory.py --configs ddp zero3 --steps 2
 
 A random-init Llama of Qwen2.5-0.5B's layers (6 of them, a 32k vocabulary: 119M parameters) is
 saved as a local folder and trained by `posttrain` itself (SFT only, `--steps` optimizer steps,
 micro-batch `--batch` of at most `--seq` tokens) with 2 CPU workers under each configuration:
 DDP (torchrun), ZeRO-1/2/3, ZeRO-2 with optimizer offload, ZeRO-3 with optimizer and parameter
-offload (deepspeed launcher), and LoRA under DDP and ZeRO-2. Every worker writes its memory to
+offload (deepspeed launcher), and LoRA under DDP, ZeRO-2 and ZeRO-3. Every worker writes its memory to
 its rank log (`run.rank_logs=true`): its RSS just before the model loads (the baseline: Python,
 torch, DeepSpeed, the tokenizer and data), the peak while it loads, and the peak during
 train() (DeepSpeed's or DDP's set-up and every step). Measured = peak during training -
@@ -48,6 +48,7 @@ CONFIGS = {
     "zero3_offload": ["deepspeed=zero3_offload", "launcher=deepspeed", *TWO],
     "lora_ddp": ["peft=lora", "launcher=torchrun", *TWO],
     "lora_zero2": ["peft=lora", "deepspeed=zero2", "launcher=deepspeed", *TWO],
+    "lora_zero3": ["peft=lora", "deepspeed=zero3", "launcher=deepspeed", *TWO],
 }
 
 

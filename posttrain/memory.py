@@ -5,6 +5,8 @@ imported on a machine without a GPU.
 
     arch = architecture(cfg.model)                   # the base model's numbers
     total, largest = parameter_counts(arch)
+    hold = stage_holding(stage, cfg, arch, total, on_gpu=True)   # what a stage trains, in which dtype
+    per_gpu, cpu_per_node = model_states(cfg.deepspeed, hold, gpus_per_node, nodes)
     on, why = activation_checkpointing(stage, cfg, spec.data_kind, source)
 """
 
@@ -132,18 +134,19 @@ def parameter_counts(arch: ArchitectureConfig) -> tuple[int, int]:
 # what DeepSpeed's ZeRO optimizer keeps per trained parameter, partitioned over the processes, in
 # any precision: an fp32 copy of the weights (a clone even of fp32 ones), Adam's two fp32 moments
 # and fp32 gradients (DeepSpeed's own estimate counts the same 16 on top of the 16-bit weights and
-# gradients; bench/memory.py measured 14 bytes per parameter under fp32 ZeRO-2 on 2 workers:
-# 4 + (4 + 16) / 2)
+# gradients; bench/memory.py measured 13.4 bytes per parameter besides activations under fp32
+# ZeRO-2 on 2 workers: 4 + (4 + 16) / 2 = 14 estimated, DeepSpeed's 2 + 18 / 2 = 11)
 ZERO_OPTIMIZER = 16.0
 # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance (posttrain keeps the
 # defaults): a ZeRO-3 rank keeps gathered every parameter it uses again within 1e9 elements, so
 # a model under 1e9 parameters stays whole on every rank through forward and backward, not one
-# layer at a time as DeepSpeed's estimate assumes (bench/memory.py: ZeRO-3 held more than ZeRO-2)
+# layer at a time as DeepSpeed's estimate assumes (bench/memory.py: 14.8 bytes per fp32 parameter
+# on 2 workers; 4 + 24 / 2 = 16 estimated, DeepSpeed's one layer + 18 / 2 = 10)
 ZERO3_MAX_LIVE = 10**9
 # what DeepSpeed's estimate multiplies offloaded CPU memory by (its additional_buffer_factor);
 # ZeRO-1/2's offload also keeps a copy of each partition's weights in CPU memory to send back
 # (bench/memory.py, 2 fp32 workers, besides activations: ZeRO-2 offload 19.3 bytes per parameter,
-# 4 + 1.5 (4 + 16) / 2 = 19 estimated; ZeRO-3 with both offloads 16.6, 4 + 1.5 (16 + 4) / 2 = 19)
+# 4 + 1.5 (4 + 16) / 2 = 19 estimated; ZeRO-3 with both offloads 16.8, 4 + 1.5 (16 + 4) / 2 = 19)
 OFFLOAD_BUFFER = 1.5
 
 
@@ -218,7 +221,7 @@ def model_states(ds: DeepSpeedConfig, hold: Holding, gpus: int, nodes: int) -> t
       no ZeRO  f F + (4 b + b when w > 1) N: torch's AdamW keeps its moments in the weights' dtype;
                DDP's buckets copy the gradients (measured: 20 bytes per fp32 parameter, not 16)
       ZeRO-1/2 f F + b N + (b + 16) N / w: the weights whole, gradients and DeepSpeed's fp32 copy
-               and Adam partitioned (ZeRO-1 measured within 3% of ZeRO-2 in DeepSpeed 0.19: its
+               and Adam partitioned (ZeRO-1 measured within 6% of ZeRO-2 in DeepSpeed 0.19: its
                gradients are reduced into partitions too)
       ZeRO-3   (f F + (2 b + 16) N) / w + the gathered weights, whole up to ZERO3_MAX_LIVE
                parameters (measured: 4 + 24 / 2 bytes per fp32 parameter, not 24 / 2)
