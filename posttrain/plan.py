@@ -384,16 +384,27 @@ def heaviest_stage(cfg: Config, total: int, arch: ArchitectureConfig | None, on_
     return max(holdings, key=lambda hold: memory.model_states(ds, hold, per_node, nodes)[0])
 
 
-def model_state_estimate(cfg: Config, local_only: bool = False, on_gpu: bool | None = None) -> memory.Estimate:
-    """The model-state memory of the chain's heaviest trained stage, per GPU (default: on GPUs
-    when this machine has one, else on CPU workers) and CPU per node, for this config's DeepSpeed
-    settings and processes. OSError: no shape to estimate from."""
-    on_gpu = gpu_devices_present() if on_gpu is None else on_gpu
+def model_shape(cfg: Config, local_only: bool = False) -> tuple[int, ArchitectureConfig | None]:
+    """(parameters, shape) of the base model; the shape is None for a family counted by building
+    it (its LoRA adapters are not counted). OSError: no shape to estimate from."""
     total, _ = memory.model_parameter_counts(cfg.model, local_only=local_only)
     try:
-        arch = memory.architecture(cfg.model, local_only=local_only)
-    except OSError:  # a family counted by building it: LoRA adapters not counted
-        arch = None
+        return total, memory.architecture(cfg.model, local_only=local_only)
+    except OSError:
+        return total, None
+
+
+def model_state_estimate(
+    cfg: Config,
+    local_only: bool = False,
+    on_gpu: bool | None = None,
+    shape: tuple[int, ArchitectureConfig | None] | None = None,
+) -> memory.Estimate:
+    """The model-state memory of the chain's heaviest trained stage, per GPU (default: on GPUs
+    when this machine has one, else on CPU workers) and CPU per node, for this config's DeepSpeed
+    settings and processes. `shape`: model_shape's, when known. OSError: no shape to estimate from."""
+    on_gpu = gpu_devices_present() if on_gpu is None else on_gpu
+    total, arch = shape or model_shape(cfg, local_only)
     hold = heaviest_stage(cfg, total, arch, on_gpu)
     ds, per_node, nodes = cfg.deepspeed, processes_per_node(cfg.launcher), cfg.launcher.nnodes
     gpu, cpu = memory.model_states(ds, hold, per_node, nodes)
@@ -412,10 +423,11 @@ def memory_lines(cfg: Config, world: int, per_node: int) -> list[str]:
     # one plain process: an estimate only from a config already on this machine (no hub request)
     alone = world == 1 and ds.stage is None
     try:
-        found = model_state_estimate(cfg, local_only=alone, on_gpu=True)
-        here = None if gpu_devices_present() else model_state_estimate(cfg, local_only=alone, on_gpu=False)
+        shape = model_shape(cfg, local_only=alone)
     except OSError as e:  # a hub id offline with no registry numbers, a folder without config.json
         return [] if alone else [f"memory: no estimate ({str(e).strip().splitlines()[0][:200]})"]
+    found = model_state_estimate(cfg, on_gpu=True, shape=shape)
+    here = None if gpu_devices_present() else model_state_estimate(cfg, on_gpu=False, shape=shape)
     on_cpu = f", CPU per node {memory.gib(found.cpu_per_node)}" if found.cpu_per_node else ""
     states = f"model states per GPU {memory.gib(found.per_gpu)}{on_cpu} ({found.basis}; activations come on top)"
     if here is not None and here.per_gpu != found.per_gpu:  # CPU workers train in fp32
