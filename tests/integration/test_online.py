@@ -129,7 +129,27 @@ def test_grpo_with_a_user_reward_function(tmp_path, cache_dir, user_rewards):
     metrics = summary["stages"]["align"]["metrics"]
     assert {"train_reward_first", "train_reward", "exact_match"} <= set(metrics)
     logged = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/reward/mean" in record for record in logged)
+    assert any("rewards/my_rewards:checked/mean" in record for record in logged)
+
+
+def test_grpo_sums_weighted_rewards_as_trl_does_and_logs_what_explains_its_signal(tmp_path, cache_dir, user_rewards):
+    """Two reward sources with weights: each is logged on its own, and every logged reward is their
+    weighted sum; beside it the share of groups with equal rewards, entropy, the share of replies
+    cut at max_completion_length and each built-in task's sampled reward."""
+    overrides = ["align.reward=[builtin_partial,my_rewards:checked]", "align.reward_weights=[1.0,0.3]"]
+    summary, out = _run(tmp_path, cache_dir, *GRPO, *overrides)
+    logged = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "reward" in r]
+    assert len(steps) == 3
+    for record in steps:
+        partial, checked = record["rewards/builtin_partial/mean"], record["rewards/my_rewards:checked/mean"]
+        assert record["reward"] == pytest.approx(1.0 * partial + 0.3 * checked, abs=1e-6)
+        assert 0 <= record["frac_reward_zero_std"] <= 1 and record["entropy"] > 0
+        assert 0 <= record["completions/clipped_ratio"] <= 1
+        tasks = {k.removeprefix("rewards/task/") for k in record if k.startswith("rewards/task/")}
+        assert tasks and tasks <= {"add", "reverse", "sort", "count"}
+    metrics = summary["stages"]["align"]["metrics"]
+    assert metrics["train_reward_first"] == steps[0]["reward"] and metrics["train_reward"] == steps[-1]["reward"]
 
 
 def test_an_interrupted_pairs_stage_resumes_to_the_same_pairs(tmp_path, cache_dir, user_rewards, monkeypatch):
