@@ -50,6 +50,7 @@ KEY_OMITS_AT = {
     "epsilon_high": None,
     "mask_truncated_completions": False,
     "importance_sampling_level": "token",
+    "band": None,
 }
 
 

@@ -14,6 +14,7 @@ from posttrain.data import formats
 from posttrain.data.builtin import TASKS, TaskSpec, generate, solve, task_of
 from posttrain.plan import load_config
 from posttrain.rewards import RewardError, builtin_partial_reward, builtin_reward, load_reward, load_rewards
+from posttrain.stages.band import BandConfig, in_band, pass_rates
 from posttrain.stages.pairs import best_and_worst, pair_row
 from tests.conftest import compose_tree, user_module
 
@@ -160,6 +161,14 @@ def test_bad_reward_weights_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
         _online_config(*overrides)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_pass_rates_and_the_band():
+    band = BandConfig(low=0.1, high=0.9, samples=4)
+    rates = pass_rates([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0.5, 1, 0, 0, 0, 1], samples=4, pass_reward=1.0)
+    assert rates == [1.0, 0.0, 0.5, 0.25]
+    assert in_band(rates, band) == [2, 3]
+    assert in_band(rates, BandConfig(low=0.0, high=1.0)) == [0, 1, 2, 3]
 
 
 def _online_config(*overrides: str):
@@ -326,6 +335,12 @@ def test_a_reward_model_artifact_scores_prompt_and_reply(cache_dir, tmp_path):
             "align.mask_truncated_completions: expected bool, got 'maybe'",
         ),
         (["align=grpo", "align.scale_rewards=yes"], "align.scale_rewards: 'yes' is not one of group, batch, none"),
+        (
+            ["align=grpo", "align.band={low: 0.5, high: 0.2}"],
+            "align.band.low: need 0 <= low <= high <= 1, got 0.5, 0.2",
+        ),
+        (["align=grpo", "align.band={samples: 1}"], "align.band.samples: 1 must be >= 2 (a rate between 0 and 1)"),
+        (["align=grpo", "align.band={lo: 0.1}"], "align.band.lo: unknown key; did you mean low?"),
     ],
 )
 def test_online_stage_settings_are_checked(overrides, message):

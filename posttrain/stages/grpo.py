@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from posttrain.config import require
 from posttrain.data.builtin import task_of
-from posttrain.generation import vllm_usable
+from posttrain.generation import Sampler, SamplingSettings, vllm_usable
+from posttrain.stages.band import BandConfig, band_callback, band_sampler, pass_rates
 from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs
 
 # TRL 1.16's GRPO losses (luspo needs importance_sampling_level: sequence)
@@ -51,6 +52,9 @@ class GRPOStageConfig(OnlineStageConfig):
     mask_truncated_completions: bool = False
     # the policy ratio per token or per sequence (GSPO; luspo needs sequence)
     importance_sampling_level: str = "token"
+    # train only on prompts whose pass rate under the current model lies in a band (null: every
+    # prompt); see posttrain/stages/band.py
+    band: BandConfig | None = None
     # TRL loss normalisation: grpo (per sequence), dapo (per token over the batch), dr_grpo, ...
     loss_type: str = "dapo"
     # rewards divided by the std of their group, of the batch, or not at all
@@ -90,6 +94,8 @@ class GRPOStageConfig(OnlineStageConfig):
             f"{key}.importance_sampling_level",
             f"{level!r} is not one of {allowed}",
         )
+        if self.band is not None:
+            self.band.validate(f"{key}.band")
         require(
             self.loss_type != "luspo" or level == "sequence",
             f"{key}.loss_type",
@@ -171,9 +177,68 @@ def make_trainer(inputs: TrainerInputs):
     )
     kwargs = inputs.trainer_kwargs()
     kwargs["eval_dataset"] = None  # held out: exact match and response loss after the stage
-    trainer = GRPOTrainer(reward_funcs=trl_rewards(inputs), args=args, **kwargs)
+    trainer_cls = GRPOTrainer if cfg.band is None else band_trainer(GRPOTrainer)
+    trainer = trainer_cls(reward_funcs=trl_rewards(inputs), args=args, **kwargs)
     task_rewards(trainer)
+    if cfg.band is not None:
+        score = band_scorer(trainer, inputs)
+        trainer.band_log = []  # every refresh: its step, the prompts kept and their share of the pool
+        trainer.add_callback(band_callback(trainer, cfg.band, score, seed=args.seed))
     return trainer
+
+
+def band_trainer(grpo_trainer: type) -> type:
+    """GRPOTrainer whose prompt sampler draws from the prompts in the band (posttrain/stages/band.py)."""
+    from trl.trainer.utils import RepeatSampler
+
+    class BandGRPOTrainer(grpo_trainer):
+        def _get_train_sampler(self, dataset=None):
+            made = super()._get_train_sampler(dataset)
+            sampler = band_sampler(RepeatSampler)(
+                data_source=made.data_source,
+                mini_repeat_count=made.mini_repeat_count,
+                batch_size=made.batch_size,
+                repeat_count=made.repeat_count,
+                shuffle=True,
+                seed=made.seed,
+            )
+            self.band_sampler = sampler
+            return sampler
+
+    return BandGRPOTrainer
+
+
+def band_scorer(trainer, inputs: TrainerInputs):
+    """`score(indices)` -> the pass rate of each train prompt at `indices` under the current model:
+    each rank samples `band.samples` replies to its share of them, every rank gets all the rates."""
+    from accelerate.utils import gather_object
+    from trl.models import unwrap_model_for_generation
+
+    cfg: GRPOStageConfig = inputs.cfg
+    band = cfg.band
+    settings = SamplingSettings(band.samples, cfg.temperature, cfg.top_p, cfg.max_completion_length, "transformers")
+
+    def score(indices: list[int]) -> list[float]:
+        rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+        mine = indices[rank::world]
+        prompts = [trainer.train_dataset[i]["prompt"] for i in mine]
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+            was_training = model.training
+            try:
+                replies = Sampler(model, inputs.tokenizer, settings, None).sample(
+                    prompts, seed=trainer.state.global_step
+                )
+            finally:
+                model.train(was_training)
+        texts = [_text(p) for p in prompts for _ in range(band.samples)]
+        rewards = inputs.reward(texts, [r for group in replies for r in group]) if mine else []
+        rates = gather_object(
+            [(i, rate) for i, rate in zip(mine, pass_rates(rewards, band.samples, band.pass_reward), strict=True)]
+        )
+        by_index = dict(rates)
+        return [by_index[i] for i in indices]
+
+    return score
 
 
 STAGE = StageSpec(
