@@ -40,7 +40,7 @@ from posttrain.data.formats import DataError
 from posttrain.data.load import check_source
 from posttrain.errors import ConfigError, require, unknown_key
 from posttrain.launch import read_hostfile
-from posttrain.rewards import check_reward_spec, import_function
+from posttrain.rewards import check_reward_spec, import_function, reward_specs
 from posttrain.stage_cache import StageIndex, place_stage
 from posttrain.stages import STAGES, load_plugins
 from posttrain.stages.base import check_trainer_args
@@ -62,7 +62,10 @@ def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
     for name, stage in stages.items():
         spec = STAGES[stage.method]
         if spec.uses_reward:
-            check_reward_spec(stage.reward, f"{name}.reward", [s for s in earlier if s in reward_models])
+            sources = reward_specs(stage.reward)
+            for i, source in enumerate(sources):
+                key = f"{name}.reward" if isinstance(stage.reward, str) else f"{name}.reward[{i}]"
+                check_reward_spec(source, key, [s for s in earlier if s in reward_models])
         parent = previous if stage.init_from == "previous" else stage.init_from
         require(
             parent not in reward_models,
@@ -331,7 +334,7 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
         reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
         peft = stage_peft(stage, cfg.peft)
         adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
-        reward = f", reward {stage.reward}" if spec.uses_reward else ""
+        reward = f", reward {describe_reward(stage)}" if spec.uses_reward else ""
         if spec.make_data is not None:
             lines.append(
                 f"  {name}: {stage.method} sampled from {parent}, {stage.num_samples} replies per prompt "
@@ -372,6 +375,15 @@ def plan_lines(cfg: Config) -> list[str]:
         offload = [name for name, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param)) if on]
         lines.append(f"deepspeed: ZeRO-{ds.stage}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else ""))
     return lines + memory_lines(cfg, world, per_node)
+
+
+def describe_reward(stage) -> str:
+    """An online stage's reward sources, with their weights when there are several."""
+    sources = reward_specs(stage.reward)
+    if len(sources) == 1:
+        return sources[0]
+    weights = stage.reward_weights or [1.0] * len(sources)
+    return " + ".join(f"{w:g} x {source}" for w, source in zip(weights, sources, strict=True))
 
 
 def heaviest_stage(cfg: Config, total: int, arch: ArchitectureConfig | None, on_gpu: bool) -> memory.Holding:

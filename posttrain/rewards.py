@@ -1,6 +1,8 @@
 """Reward sources for the online stages (`pairs`, `grpo`): one interface, three kinds.
 
     reward: builtin                   the built-in tasks' checker: 1.0 for the exact answer, else 0.0
+    reward: builtin_partial           the same tasks graded: the share of the answer's digits or
+                                      letters the reply has in the right place (1.0 when exact)
     reward: <stage>                   a reward model trained by an earlier `rm` stage of the chain,
                                       or a folder that holds one (its manifest says method rm)
     reward: my_pkg.rewards:score      a function score(prompts, completions) -> one float per completion
@@ -9,6 +11,10 @@ Every source is called the same way: `prompts` are the text of each prompt's las
 `completions` the generated replies (text), in the same order; it returns one finite float
 per completion. A function that raises or returns the wrong shape stops the stage with an
 error naming it.
+
+Several sources with weights (`reward: [builtin, my_pkg.rewards:fmt]`, `reward_weights: [1.0,
+0.3]`) score a reply with the weighted sum of their scores, as TRL's GRPOTrainer sums its
+reward functions (grpo hands TRL the sources and weights themselves, so each is logged on its own).
 
     reward = load_reward("builtin", "pairs.reward", {})
     reward(["What is 2 + 3?"], ["5"])       # [1.0]
@@ -25,10 +31,11 @@ from typing import Any
 
 from posttrain import artifacts, models
 from posttrain.artifacts import hash_json
-from posttrain.data.builtin import solve
+from posttrain.data.builtin import partial_credit, solve
 from posttrain.errors import ConfigError, PosttrainError
 
 BUILTIN = "builtin"
+BUILTIN_PARTIAL = "builtin_partial"
 
 
 class RewardError(PosttrainError):
@@ -40,16 +47,30 @@ class RewardError(PosttrainError):
 
 def builtin_reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """1.0 when the completion (whitespace-stripped) is the exact answer, else 0.0."""
-    scores = []
+    return [float(completion.strip() == answer) for answer, completion in _answers(BUILTIN, prompts, completions)]
+
+
+def builtin_partial_reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """The share of the answer's digits or letters that the completion has in the right place."""
+    return [
+        partial_credit(answer, completion) for answer, completion in _answers(BUILTIN_PARTIAL, prompts, completions)
+    ]
+
+
+def _answers(name: str, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
     for prompt, completion in zip(prompts, completions, strict=True):
         answer = solve(prompt)
         if answer is None:
             raise RewardError(
-                f"reward builtin: {prompt[:80]!r} is not a built-in task prompt; the built-in checker "
+                f"reward {name}: {prompt[:80]!r} is not a built-in task prompt; the built-in checker "
                 "scores only builtin:sft / builtin:preference prompts (use a reward model or module:function)"
             )
-        scores.append(float(completion.strip() == answer))
-    return scores
+        out.append((answer, completion))
+    return out
+
+
+BUILTIN_REWARDS = {BUILTIN: builtin_reward, BUILTIN_PARTIAL: builtin_partial_reward}
 
 
 # --- one interface ------------------------------------------------------------------------
@@ -88,6 +109,25 @@ def checked_scores(name: str, scores: Any, count: int) -> list[float]:
     return out
 
 
+class WeightedReward(Reward):
+    """Several reward sources scoring each reply with the weighted sum of their scores."""
+
+    def __init__(self, sources: list[Reward], weights: list[float]):
+        self.sources, self.weights = sources, weights
+        super().__init__("+".join(source.name for source in sources), self._sum)
+
+    def _sum(self, prompts: list[str], completions: list[str]) -> list[float]:
+        scored = [source(prompts, completions) for source in self.sources]
+        return [
+            sum(w * scores[i] for w, scores in zip(self.weights, scored, strict=True)) for i in range(len(completions))
+        ]
+
+
+def reward_specs(reward: str | list[str]) -> list[str]:
+    """A stage's `reward` as a list of sources."""
+    return [reward] if isinstance(reward, str) else list(reward)
+
+
 def import_function(spec: str, key: str) -> Callable:
     """`module:function` imported; ConfigError naming `key` when it cannot be."""
     module_name, _, name = spec.partition(":")
@@ -115,11 +155,20 @@ def function_identity(spec: str, key: str) -> dict[str, str]:
     return {"function": spec, "source": hash_json(source)}
 
 
+def load_rewards(
+    specs: str | list[str], weights: list[float] | None, key: str, reward_models: dict[str, str], model_cfg, tokenizer
+) -> WeightedReward:
+    """Every reward source a stage names, with its weight (default 1.0 each)."""
+    specs = reward_specs(specs)
+    sources = [load_reward(spec, key, reward_models, model_cfg, tokenizer) for spec in specs]
+    return WeightedReward(sources, list(weights) if weights is not None else [1.0] * len(sources))
+
+
 def load_reward(spec: str, key: str, reward_models: dict[str, str], model_cfg=None, tokenizer=None) -> Reward:
     """The reward source `spec` names (see the module doc); `reward_models` maps the names of
     earlier `rm` stages to their folders."""
-    if spec == BUILTIN:
-        return Reward(BUILTIN, builtin_reward)
+    if spec in BUILTIN_REWARDS:
+        return Reward(spec, BUILTIN_REWARDS[spec])
     if is_function(spec):
         return Reward(spec, import_function(spec, key))
     folder = reward_models.get(spec) or spec
@@ -158,7 +207,7 @@ class RewardModelScorer:
 def check_reward_spec(spec: str, key: str, earlier_reward_models: list[str]) -> None:
     """Plan-time check of a `reward` value: builtin, module:function, an earlier rm stage, or
     a folder that holds a reward model artifact."""
-    if spec == BUILTIN or spec in earlier_reward_models:
+    if spec in BUILTIN_REWARDS or spec in earlier_reward_models:
         return
     if is_function(spec):
         module, _, name = spec.partition(":")
@@ -172,6 +221,6 @@ def check_reward_spec(spec: str, key: str, earlier_reward_models: list[str]) -> 
         return
     stages = ", ".join(earlier_reward_models) or "none in this chain"
     raise ConfigError(
-        f"{key}: {spec!r} is not builtin, module:function, an earlier rm stage ({stages}) "
+        f"{key}: {spec!r} is not {', '.join(BUILTIN_REWARDS)}, module:function, an earlier rm stage ({stages}) "
         "or a folder holding a complete rm artifact"
     )

@@ -42,6 +42,16 @@ NOT_IN_KEY = (
     "global_batch_size",
     "activation_checkpointing",
 )
+# Stage fields added after keys were made, left out of the key at the value that trains as before
+# (so adding a field does not retrain every cached stage)
+KEY_OMITS_AT = {
+    "reward_weights": None,
+    "steps_per_generation": None,
+    "epsilon_high": None,
+    "mask_truncated_completions": False,
+    "importance_sampling_level": "token",
+    "band": None,
+}
 
 
 # --- data fingerprints ------------------------------------------------------------------
@@ -100,7 +110,11 @@ def base_key(model: ModelConfig) -> str:
 def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
     """The part of the config that decides a stage's weights (recorded in its manifest); for a
     method another package registers, that package's name and version."""
-    own = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_IN_KEY}
+    own = {
+        k: v
+        for k, v in dataclasses.asdict(stage).items()
+        if k not in NOT_IN_KEY and not (k in KEY_OMITS_AT and v == KEY_OMITS_AT[k])
+    }
     content = {
         "stage": own,
         "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in MODEL_NOT_IN_KEY},
@@ -137,11 +151,16 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     return keys
 
 
-def reward_identity(spec: str, name: str, keys: dict[str, str]) -> Any:
+def reward_identity(spec: str | list[str], name: str, keys: dict[str, str]) -> Any:
     """What decides an online stage's rewards: the built-in checker's version, an rm stage's key,
-    a reward model folder's manifest key, or a user function's import path and source."""
+    a reward model folder's manifest key, or a user function's import path and source (a list
+    of sources: theirs, in order)."""
+    if not isinstance(spec, str):
+        return [reward_identity(source, name, keys) for source in spec]
     if spec == rewards.BUILTIN:
         return {"builtin": GENERATOR_VERSION}
+    if spec == rewards.BUILTIN_PARTIAL:
+        return {"builtin_partial": GENERATOR_VERSION}
     if spec in keys:
         return {"reward_model": keys[spec]}
     if rewards.is_function(spec):

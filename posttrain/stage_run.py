@@ -25,7 +25,7 @@ from posttrain.evaluate import evaluate_model
 from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.ref_logps import RefLogpsCache
 from posttrain.report.plots import plot_curves
-from posttrain.rewards import load_reward
+from posttrain.rewards import load_rewards
 from posttrain.stages import STAGES
 from posttrain.stages.base import (
     DataStageInputs,
@@ -206,7 +206,10 @@ def save_partitioned_lora(trained, policy: Policy, run: StageRun, cfg: Config) -
 
 
 def stage_reward(run: StageRun, cfg: Config, tokenizer):
-    return load_reward(run.stage.reward, f"{run.name}.reward", run.reward_models, cfg.model, tokenizer)
+    stage = run.stage
+    return load_rewards(
+        stage.reward, stage.reward_weights, f"{run.name}.reward", run.reward_models, cfg.model, tokenizer
+    )
 
 
 def reward_trend(log_history: list[dict]) -> dict[str, float]:

@@ -11,9 +11,10 @@ import pytest
 
 from posttrain.config import ConfigError
 from posttrain.data import formats
-from posttrain.data.builtin import TASKS, TaskSpec, generate, solve
+from posttrain.data.builtin import TASKS, TaskSpec, generate, solve, task_of
 from posttrain.plan import load_config
-from posttrain.rewards import RewardError, builtin_reward, load_reward
+from posttrain.rewards import RewardError, builtin_partial_reward, builtin_reward, load_reward, load_rewards
+from posttrain.stages.band import BandConfig, in_band, pass_rates
 from posttrain.stages.pairs import best_and_worst, pair_row
 from tests.conftest import compose_tree, user_module
 
@@ -92,6 +93,84 @@ def test_a_failing_reward_function_is_named(user_rewards, function, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize(
+    ("prompt", "reply", "score"),
+    [
+        ("What is 23 + 19?", "42", 1.0),
+        ("What is 23 + 19?", " 42\n", 1.0),  # whitespace around the answer is not a mistake
+        ("What is 23 + 19?", "41", 0.5),  # one digit of two right, in place
+        ("What is 23 + 19?", "24", 0.0),  # the right digits in the wrong places
+        ("What is 23 + 19?", "4", 0.5),  # a digit missing
+        ("What is 23 + 19?", "421", 2 / 3),  # a digit too many
+        ("What is 23 + 19?", "", 0.0),
+        ("Reverse the letters: a b c d", "d c b a", 1.0),
+        ("Reverse the letters: a b c d", "d c a b", 0.5),
+        ("Reverse the letters: a b c d", "d c b", 0.75),
+        ("Sort the letters: q e x", "e q x y z", 0.6),
+        ("Sort the letters: q e x", "eqx", 0.0),  # letters run together: one unit, not the first letter
+        ("How many items: fig fig plum", "3", 1.0),
+        ("How many items: fig fig plum", "3 items", 1 / 7),
+    ],
+)
+def test_partial_credit_is_the_share_of_digits_or_letters_right_and_in_place(prompt, reply, score):
+    assert builtin_partial_reward([prompt], [reply]) == [pytest.approx(score)]
+    assert builtin_reward([prompt], [reply]) == [float(score == 1.0)]
+
+
+def test_every_builtin_prompt_has_its_task():
+    problems = generate(TaskSpec(), 400, random.Random(5), exclude=set())
+    assert all(task_of(p.prompt) == p.task for p in problems)
+    assert task_of("Write a poem") is None
+
+
+def test_weighted_rewards_score_the_weighted_sum_of_their_sources(user_rewards):
+    prompts, replies = ["What is 2 + 3?", "Reverse the letters: a b c"], ["5", "c a b"]
+    reward = load_rewards(["builtin_partial", "my_rewards:by_length"], [1.0, 0.3], "pairs.reward", {}, None, None)
+    partial = builtin_partial_reward(prompts, replies)
+    by_length = load_reward("my_rewards:by_length", "pairs.reward", {})(prompts, replies)
+    assert reward.name == "builtin_partial+my_rewards:by_length" and reward.weights == [1.0, 0.3]
+    assert reward(prompts, replies) == [pytest.approx(p + 0.3 * n) for p, n in zip(partial, by_length, strict=True)]
+    assert load_rewards("builtin", None, "pairs.reward", {}, None, None).weights == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["pairs.reward=[builtin,builtin_partial]", "pairs.reward_weights=[1.0]"],
+            "pairs.reward_weights: 1 weights for 2 reward sources (builtin, builtin_partial); give one each",
+        ),
+        (
+            ["pairs.reward_weights=[0.5,1]"],
+            "pairs.reward_weights: 2 weights for 1 reward sources (builtin); give one each",
+        ),
+        (
+            ["pairs.reward=[builtin,builtin_partial]", "pairs.reward_weights=[1.0,-0.5]"],
+            "pairs.reward_weights: -0.5 is negative; weights must be >= 0",
+        ),
+        (
+            ["pairs.reward=[builtin,builtin_partial]", "pairs.reward_weights=[0,0]"],
+            "pairs.reward_weights: all are 0; at least one must be > 0",
+        ),
+        (["pairs.reward=[]"], "pairs.reward: names no source; give one (builtin) or a list of them"),
+        (["pairs.reward=[builtin,nope_source]"], "pairs.reward[1]: 'nope_source' is not builtin, builtin_partial"),
+        (["pairs.reward_weights=[abc]"], "pairs.reward_weights[0]: expected float, got 'abc'"),
+    ],
+)
+def test_bad_reward_weights_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        _online_config(*overrides)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_pass_rates_and_the_band():
+    band = BandConfig(low=0.1, high=0.9, samples=4)
+    rates = pass_rates([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0.5, 1, 0, 0, 0, 1], samples=4, pass_reward=1.0)
+    assert rates == [1.0, 0.0, 0.5, 0.25]
+    assert in_band(rates, band) == [2, 3]
+    assert in_band(rates, BandConfig(low=0.0, high=1.0)) == [0, 1, 2, 3]
+
+
 def _online_config(*overrides: str):
     return load_config(compose_tree([*ONLINE, *overrides]))
 
@@ -106,8 +185,8 @@ def test_reward_mistakes_are_plan_time_errors(user_rewards):
     with pytest.raises(ConfigError) as e:
         _online_config("pairs.reward=sft")
     assert str(e.value) == (
-        "pairs.reward: 'sft' is not builtin, module:function, an earlier rm stage (none in this chain) "
-        "or a folder holding a complete rm artifact"
+        "pairs.reward: 'sft' is not builtin, builtin_partial, module:function, an earlier rm stage "
+        "(none in this chain) or a folder holding a complete rm artifact"
     )
     cfg = _online_config("pairs.reward=my_rewards:by_length")
     assert cfg.stages["pairs"].reward == "my_rewards:by_length"
@@ -239,8 +318,29 @@ def test_a_reward_model_artifact_scores_prompt_and_reply(cache_dir, tmp_path):
         ),
         (
             ["align=grpo", "align.loss_type=ppo"],
-            "align.loss_type: 'ppo' is not one of grpo, dapo, dr_grpo, bnpo, cispo, sapo",
+            "align.loss_type: 'ppo' is not one of grpo, dapo, dr_grpo, bnpo, cispo, sapo, luspo, vespo",
         ),
+        (
+            ["align=grpo", "align.loss_type=luspo"],
+            "align.loss_type: luspo scales sequence-level ratios; set importance_sampling_level: sequence",
+        ),
+        (["align=grpo", "align.steps_per_generation=0"], "align.steps_per_generation: 0 must be >= 1 or null"),
+        (["align=grpo", "align.epsilon_high=0.1"], "align.epsilon_high: 0.1 must be >= epsilon (0.2)"),
+        (
+            ["align=grpo", "align.importance_sampling_level=seq"],
+            "align.importance_sampling_level: 'seq' is not one of token, sequence",
+        ),
+        (
+            ["align=grpo", "align.mask_truncated_completions=maybe"],
+            "align.mask_truncated_completions: expected bool, got 'maybe'",
+        ),
+        (["align=grpo", "align.scale_rewards=yes"], "align.scale_rewards: 'yes' is not one of group, batch, none"),
+        (
+            ["align=grpo", "align.band={low: 0.5, high: 0.2}"],
+            "align.band.low: need 0 <= low <= high <= 1, got 0.5, 0.2",
+        ),
+        (["align=grpo", "align.band={samples: 1}"], "align.band.samples: 1 must be >= 2 (a rate between 0 and 1)"),
+        (["align=grpo", "align.band={lo: 0.1}"], "align.band.lo: unknown key; did you mean low?"),
     ],
 )
 def test_online_stage_settings_are_checked(overrides, message):

@@ -120,6 +120,27 @@ def solve(prompt: str) -> str | None:
     return None
 
 
+def task_of(prompt: str) -> str | None:
+    """The built-in task a prompt belongs to, or None for a prompt that is not one of them."""
+    prompt = prompt.strip()
+    for task, pattern in (("add", _ADD), ("reverse", _REVERSE), ("sort", _SORT), ("count", _COUNT)):
+        if pattern.fullmatch(prompt):
+            return task
+    return None
+
+
+def partial_credit(answer: str, reply: str) -> float:
+    """The share of the answer's units that the reply has in the same place: the digits of a number,
+    the letters of a letter list (space-separated). Missing and extra units count against it: matches
+    / the longer of the two. 1.0 only for the exact answer (whitespace around it aside)."""
+    lists = " " in answer
+    want = answer.split() if lists else list(answer)
+    got = reply.split() if lists else list(reply.strip())
+    if not got:
+        return 0.0
+    return sum(a == b for a, b in zip(want, got, strict=False)) / max(len(want), len(got))
+
+
 def generated_key(fields: dict) -> str:
     """A short hash of `fields` and GENERATOR_VERSION: names cached things made from generated text."""
     content = {**fields, "generator": GENERATOR_VERSION}

@@ -1,5 +1,6 @@
-"""A stage's training curves as a PNG (`<stage>/curves.png`): loss, learning rate, and the
-preference rewards (margin, accuracy) when the method logs them."""
+"""A stage's training curves as a PNG (`<stage>/curves.png`): loss, learning rate, the
+preference rewards (margin, accuracy) and an online stage's signal (sampled reward, groups with
+equal rewards, entropy, replies cut at the length limit, the band's share) when the method logs them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ PANELS = (
     ("learning_rate", "learning rate"),
     ("rewards/margins", "reward margin (chosen - rejected)"),
     ("rewards/accuracies", "reward accuracy"),
+    ("reward", "sampled reward"),
+    ("frac_reward_zero_std", "groups with equal rewards"),
+    ("entropy", "entropy"),
+    ("completions/clipped_ratio", "replies cut at max length"),
+    ("band/kept_share", "share of the pool in the band"),
 )
 
 
@@ -26,8 +32,12 @@ def plot_curves(metrics_path: Path, out: Path, title: str) -> Path | None:
     series = [(label, points) for label, points in series if points]
     if not series:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
-    for ax, (label, points) in zip(axes[0], series, strict=True):
+    columns = min(len(series), 4)
+    rows_of_panels = -(-len(series) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4 * columns, 3.2 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(series) :]:
+        ax.set_visible(False)
+    for ax, (label, points) in zip(axes.flat, series, strict=False):
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="." if len(steps) < 30 else None)
         ax.set_title(label, fontsize=10)

@@ -33,14 +33,29 @@ class OnlineStageConfig(StageConfig):
     """What every stage that samples replies from its model and scores them has (the defaults
     of conf/shared/online.yaml)."""
 
-    # who scores the replies: builtin (the built-in tasks' checker), an earlier rm stage's name
-    # (or a folder holding a reward model), or module:function(prompts, completions) -> floats
-    reward: str = "builtin"
+    # who scores the replies: builtin (the built-in tasks' checker), builtin_partial (graded), an
+    # earlier rm stage's name (or a folder holding a reward model), module:function(prompts,
+    # completions) -> floats, or a list of these (a reply's reward: their weighted sum)
+    reward: str | list[str] = "builtin"
+    # one weight per reward source (null: 1.0 each)
+    reward_weights: list[float] | None = None
     temperature: float = 1.0
     top_p: float = 1.0
 
     def validate(self, key: str) -> None:
         super().validate(key)
+        sources = [self.reward] if isinstance(self.reward, str) else self.reward
+        require(bool(sources), f"{key}.reward", "names no source; give one (builtin) or a list of them")
+        if self.reward_weights is not None:
+            weights = self.reward_weights
+            require(
+                len(weights) == len(sources),
+                f"{key}.reward_weights",
+                f"{len(weights)} weights for {len(sources)} reward sources ({', '.join(sources)}); give one each",
+            )
+            for weight in weights:
+                require(weight >= 0, f"{key}.reward_weights", f"{weight:g} is negative; weights must be >= 0")
+            require(any(w > 0 for w in weights), f"{key}.reward_weights", "all are 0; at least one must be > 0")
         require(self.temperature > 0, f"{key}.temperature", f"{self.temperature} must be > 0 (replies must differ)")
         require(0 < self.top_p <= 1, f"{key}.top_p", f"{self.top_p} is not in (0, 1]")
 
@@ -223,7 +238,14 @@ def metrics_logger(path: Path) -> Any:
 
 
 # training-log keys shown beside a stage's progress bar
-PROGRESS_KEYS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "reward_acc", "learning_rate": "lr"}
+PROGRESS_KEYS = {
+    "loss": "loss",
+    "rewards/margins": "margin",
+    "rewards/accuracies": "reward_acc",
+    "reward": "reward",  # an online stage's sampled reward, and the share of its groups with no signal
+    "frac_reward_zero_std": "equal_groups",
+    "learning_rate": "lr",
+}
 
 
 def use_stage_progress_bar(trainer: Trainer, stage: str) -> None:

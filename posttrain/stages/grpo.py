@@ -12,11 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import require
-from posttrain.generation import vllm_usable
+from posttrain.data.builtin import task_of
+from posttrain.generation import Sampler, SamplingSettings, vllm_usable
+from posttrain.stages.band import BandConfig, band_callback, band_sampler, pass_rates
 from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
+# TRL 1.16's GRPO losses (luspo needs importance_sampling_level: sequence)
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 @dataclass
@@ -39,6 +43,18 @@ class GRPOStageConfig(OnlineStageConfig):
     epsilon: float = 0.2
     # policy updates per generated batch (1: on-policy, the ratio is 1)
     num_iterations: int = 1
+    # optimizer steps each generated batch is split over (null: gradient_accumulation_steps, TRL's
+    # default); above 1 the later steps are off-policy, so the ratio moves and clipping acts
+    steps_per_generation: int | None = None
+    # upper clipping bound 1 + epsilon_high (DAPO's clip-higher; null: epsilon)
+    epsilon_high: float | None = None
+    # replies cut at max_completion_length are left out of the loss (DAPO)
+    mask_truncated_completions: bool = False
+    # the policy ratio per token or per sequence (GSPO; luspo needs sequence)
+    importance_sampling_level: str = "token"
+    # train only on prompts whose pass rate under the current model lies in a band (null: every
+    # prompt); see posttrain/stages/band.py
+    band: BandConfig | None = None
     # TRL loss normalisation: grpo (per sequence), dapo (per token over the batch), dr_grpo, ...
     loss_type: str = "dapo"
     # rewards divided by the std of their group, of the batch, or not at all
@@ -60,7 +76,31 @@ class GRPOStageConfig(OnlineStageConfig):
         allowed = ", ".join(LOSS_TYPES)
         require(self.loss_type in LOSS_TYPES, f"{key}.loss_type", f"{self.loss_type!r} is not one of {allowed}")
         allowed = ", ".join(SCALE_REWARDS)
-        require(self.scale_rewards in SCALE_REWARDS, f"{key}.scale_rewards", f"{self.scale_rewards!r}: {allowed}")
+        require(
+            self.scale_rewards in SCALE_REWARDS,
+            f"{key}.scale_rewards",
+            f"{self.scale_rewards!r} is not one of {allowed}",
+        )
+        spg = self.steps_per_generation
+        require(spg is None or spg >= 1, f"{key}.steps_per_generation", f"{spg} must be >= 1 or null")
+        high = self.epsilon_high
+        require(
+            high is None or high >= self.epsilon, f"{key}.epsilon_high", f"{high} must be >= epsilon ({self.epsilon})"
+        )
+        level = self.importance_sampling_level
+        allowed = ", ".join(IMPORTANCE_SAMPLING_LEVELS)
+        require(
+            level in IMPORTANCE_SAMPLING_LEVELS,
+            f"{key}.importance_sampling_level",
+            f"{level!r} is not one of {allowed}",
+        )
+        if self.band is not None:
+            self.band.validate(f"{key}.band")
+        require(
+            self.loss_type != "luspo" or level == "sequence",
+            f"{key}.loss_type",
+            "luspo scales sequence-level ratios; set importance_sampling_level: sequence",
+        )
 
 
 def trl_config() -> type:
@@ -69,18 +109,44 @@ def trl_config() -> type:
     return GRPOConfig
 
 
-def trl_reward(inputs: TrainerInputs):
-    """The stage's reward source as TRL calls it (message lists in, one float per reply out)."""
-    reward = inputs.reward
+def trl_rewards(inputs: TrainerInputs) -> list:
+    """The stage's reward sources as TRL calls them (message lists in, one float per reply out),
+    each named after its source, so TRL logs `rewards/<source>/mean` for each."""
+    return [_trl_reward(source) for source in inputs.reward.sources]
 
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def _trl_reward(source):
     def reward_fn(prompts, completions, **kwargs) -> list[float]:
-        def text(value) -> str:
-            return value if isinstance(value, str) else value[-1]["content"]
+        return source([_text(p) for p in prompts], [_text(c) for c in completions])
 
-        return reward([text(p) for p in prompts], [text(c) for c in completions])
-
-    reward_fn.__name__ = "reward"  # TRL logs rewards/<name>/mean
+    reward_fn.__name__ = source.name
     return reward_fn
+
+
+def task_rewards(trainer) -> None:
+    """Log the sampled reward of each built-in task (`rewards/task/<task>`) beside TRL's metrics:
+    the combined reward of the replies to that task's prompts, as TRL sums it."""
+    from accelerate.utils import gather_object
+
+    original = trainer._calculate_rewards
+
+    def calculate(inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = original(inputs, prompts, completions, completion_ids_list)  # every rank's rows
+        texts = gather_object([_text(p) for p in prompts])
+        combined = (rewards_per_func * trainer.reward_weights.to(rewards_per_func.device)).nansum(dim=1).tolist()
+        by_task: dict[str, list[float]] = {}
+        for prompt, reward in zip(texts, combined, strict=True):
+            by_task.setdefault(task_of(prompt) or "other", []).append(reward)
+        mode = "train" if trainer.model.training else "eval"
+        for task, values in sorted(by_task.items()):
+            trainer._metrics[mode][f"rewards/task/{task}"].append(sum(values) / len(values))
+        return rewards_per_func
+
+    trainer._calculate_rewards = calculate
 
 
 def make_trainer(inputs: TrainerInputs):
@@ -98,15 +164,81 @@ def make_trainer(inputs: TrainerInputs):
         top_k=0,
         max_completion_length=cfg.max_completion_length,
         epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
         num_iterations=cfg.num_iterations,
+        steps_per_generation=cfg.steps_per_generation,
+        mask_truncated_completions=cfg.mask_truncated_completions,
+        importance_sampling_level=cfg.importance_sampling_level,
         loss_type=cfg.loss_type,
         scale_rewards=cfg.scale_rewards,
+        reward_weights=inputs.reward.weights,
         use_vllm=vllm_usable(),
         vllm_mode="colocate",
     )
     kwargs = inputs.trainer_kwargs()
     kwargs["eval_dataset"] = None  # held out: exact match and response loss after the stage
-    return GRPOTrainer(reward_funcs=[trl_reward(inputs)], args=args, **kwargs)
+    trainer_cls = GRPOTrainer if cfg.band is None else band_trainer(GRPOTrainer)
+    trainer = trainer_cls(reward_funcs=trl_rewards(inputs), args=args, **kwargs)
+    task_rewards(trainer)
+    if cfg.band is not None:
+        score = band_scorer(trainer, inputs)
+        trainer.band_log = []  # every refresh: its step, the prompts kept and their share of the pool
+        trainer.add_callback(band_callback(trainer, cfg.band, score, seed=args.seed))
+    return trainer
+
+
+def band_trainer(grpo_trainer: type) -> type:
+    """GRPOTrainer whose prompt sampler draws from the prompts in the band (posttrain/stages/band.py)."""
+    from trl.trainer.utils import RepeatSampler
+
+    class BandGRPOTrainer(grpo_trainer):
+        def _get_train_sampler(self, dataset=None):
+            made = super()._get_train_sampler(dataset)
+            sampler = band_sampler(RepeatSampler)(
+                data_source=made.data_source,
+                mini_repeat_count=made.mini_repeat_count,
+                batch_size=made.batch_size,
+                repeat_count=made.repeat_count,
+                shuffle=True,
+                seed=made.seed,
+            )
+            self.band_sampler = sampler
+            return sampler
+
+    return BandGRPOTrainer
+
+
+def band_scorer(trainer, inputs: TrainerInputs):
+    """`score(indices)` -> the pass rate of each train prompt at `indices` under the current model:
+    each rank samples `band.samples` replies to its share of them, every rank gets all the rates."""
+    from accelerate.utils import gather_object
+    from trl.models import unwrap_model_for_generation
+
+    cfg: GRPOStageConfig = inputs.cfg
+    band = cfg.band
+    settings = SamplingSettings(band.samples, cfg.temperature, cfg.top_p, cfg.max_completion_length, "transformers")
+
+    def score(indices: list[int]) -> list[float]:
+        rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+        mine = indices[rank::world]
+        prompts = [trainer.train_dataset[i]["prompt"] for i in mine]
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+            was_training = model.training
+            try:
+                replies = Sampler(model, inputs.tokenizer, settings, None).sample(
+                    prompts, seed=trainer.state.global_step
+                )
+            finally:
+                model.train(was_training)
+        texts = [_text(p) for p in prompts for _ in range(band.samples)]
+        rewards = inputs.reward(texts, [r for group in replies for r in group]) if mine else []
+        rates = gather_object(
+            [(i, rate) for i, rate in zip(mine, pass_rates(rewards, band.samples, band.pass_reward), strict=True)]
+        )
+        by_index = dict(rates)
+        return [by_index[i] for i in indices]
+
+    return score
 
 
 STAGE = StageSpec(
@@ -115,6 +247,6 @@ STAGE = StageSpec(
     uses_reference=False,
     make_trainer=make_trainer,
     trl_config=trl_config,
-    summary_metrics=(("train_reward", "train_reward"),),
+    summary_metrics=(("train_reward_first", "reward_start"), ("train_reward", "reward_end")),
     uses_reward=True,
 )

@@ -194,6 +194,10 @@ def _write_pairs(out: Path, min_gap: float, k: int) -> dict[str, float]:
         metrics[f"{prefix}prompts"] = len(samples)
         metrics[f"{prefix}pairs"] = len(pairs)
         metrics[f"{prefix}ties_skipped"] = len(samples) - len(pairs)
+        # prompts whose replies all scored alike: no signal for a pair (or a GRPO group)
+        metrics[f"{prefix}equal_rewards_share"] = sum(len(set(s["scores"])) == 1 for s in samples) / max(
+            len(samples), 1
+        )
         metrics[f"{prefix}mean_reward"] = sum(sum(s["scores"]) for s in samples) / max(len(samples) * k, 1)
         metrics[f"{prefix}best_of_k_reward"] = sum(max(s["scores"]) for s in samples) / max(len(samples), 1)
         for task in sorted({s["task"] for s in samples if s.get("task")}):

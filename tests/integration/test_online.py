@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import artifacts, launch
+from posttrain.data.builtin import task_of
 from posttrain.pipeline import run_pipeline
 from posttrain.plan import load_config
 from posttrain.preemption import Preempted
@@ -129,7 +130,69 @@ def test_grpo_with_a_user_reward_function(tmp_path, cache_dir, user_rewards):
     metrics = summary["stages"]["align"]["metrics"]
     assert {"train_reward_first", "train_reward", "exact_match"} <= set(metrics)
     logged = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/reward/mean" in record for record in logged)
+    assert any("rewards/my_rewards:checked/mean" in record for record in logged)
+
+
+def test_grpo_sums_weighted_rewards_as_trl_does_and_logs_what_explains_its_signal(tmp_path, cache_dir, user_rewards):
+    """Two reward sources with weights: each is logged on its own, and every logged reward is their
+    weighted sum; beside it the share of groups with equal rewards, entropy, the share of replies
+    cut at max_completion_length and each built-in task's sampled reward."""
+    overrides = ["align.reward=[builtin_partial,my_rewards:checked]", "align.reward_weights=[1.0,0.3]"]
+    summary, out = _run(tmp_path, cache_dir, *GRPO, *overrides)
+    logged = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "reward" in r]
+    assert len(steps) == 3
+    for record in steps:
+        partial, checked = record["rewards/builtin_partial/mean"], record["rewards/my_rewards:checked/mean"]
+        assert record["reward"] == pytest.approx(1.0 * partial + 0.3 * checked, abs=1e-6)
+        assert 0 <= record["frac_reward_zero_std"] <= 1 and record["entropy"] > 0
+        assert 0 <= record["completions/clipped_ratio"] <= 1
+        tasks = {k.removeprefix("rewards/task/") for k in record if k.startswith("rewards/task/")}
+        assert tasks and tasks <= {"add", "reverse", "sort", "count"}
+    metrics = summary["stages"]["align"]["metrics"]
+    assert metrics["train_reward_first"] == steps[0]["reward"] and metrics["train_reward"] == steps[-1]["reward"]
+
+
+def test_band_filtering_trains_only_on_prompts_with_mixed_rewards(tmp_path, cache_dir, monkeypatch):
+    """A reward whose pass rate per task is known (add never passes, reverse always, sort and
+    count half the time): the band [0.1, 0.9] keeps exactly the sort and count prompts of the
+    scored pool, every group GRPO then trains on has mixed rewards, and the share kept is logged."""
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "rated_rewards",
+        """
+            import json, pathlib
+            from posttrain.data.builtin import task_of
+            CALLS = pathlib.Path(__file__).with_name("rated_calls.jsonl")
+            RATES = {"add": 0.0, "reverse": 1.0, "sort": 0.5, "count": 0.5}
+
+            def rated(prompts, completions):
+                with CALLS.open("a") as f:
+                    f.write(json.dumps(prompts) + "\\n")
+                seen = {}
+                scores = []
+                for p in prompts:
+                    seen[p] = seen.get(p, 0) + 1
+                    scores.append(float(seen[p] <= RATES[task_of(p)] * prompts.count(p)))
+                return scores
+            """,
+    )
+    band = "align.band={low: 0.1, high: 0.9, samples: 2, pool: 48, every: 100}"
+    summary, out = _run(tmp_path, cache_dir, *GRPO, "align.reward=rated_rewards:rated", band)
+    assert summary["status"] == "complete"
+    calls = [json.loads(line) for line in (tmp_path / "rated_calls.jsonl").read_text().splitlines()]
+    scoring, training = calls[0], calls[1:]
+    assert len(scoring) == 2 * 48 and all(scoring.count(p) == 2 for p in scoring)
+    pool = list(dict.fromkeys(scoring))
+    mixed = {p for p in pool if task_of(p) in ("sort", "count")}
+    assert len(training) == 3 and mixed
+    for call in training:  # 4 prompts x 4 replies per step, every prompt from the band
+        assert len(call) == 16 and set(call) <= mixed
+    logged = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["band/kept_share"] for r in logged if "band/kept_share" in r]
+    assert shares and shares[0] == pytest.approx(len(mixed) / len(pool))
+    assert all(r["frac_reward_zero_std"] == 0 for r in logged if "frac_reward_zero_std" in r)
 
 
 def test_an_interrupted_pairs_stage_resumes_to_the_same_pairs(tmp_path, cache_dir, user_rewards, monkeypatch):
