@@ -132,13 +132,16 @@ def shutdown() -> None:
 
 def rank_logger(trainer, folder) -> None:
     """Make `trainer` append, on this rank, one line per training batch (a digest of each row's
-    tokens) and one per log (the losses it logged) to `<folder>/ranks/rank-<N>.jsonl`."""
+    tokens, and the node: Slurm's node name, else the host name) and one per log (the losses it
+    logged) to `<folder>/ranks/rank-<N>.jsonl`."""
     import hashlib
     import json
+    import socket
 
     from transformers import TrainerCallback
 
     path = folder / "ranks" / f"rank-{rank()}.jsonl"
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(record: dict) -> None:
@@ -155,7 +158,7 @@ def rank_logger(trainer, folder) -> None:
             kept = row if mask is None else [t for t, m in zip(row, mask[i].tolist(), strict=True) if m]
             rows.append(hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16])
         # the optimizer step this batch counts toward (train() replaces trainer.state)
-        write({"step": trainer.state.global_step + 1, "rows": rows})
+        write({"step": trainer.state.global_step + 1, "rows": rows, "node": node})
 
     class LoggedLosses(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
