@@ -152,18 +152,20 @@ def max_difference(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+def _nodes(stage: Path, rank: int) -> dict[int, str]:
+    """step -> the node that rank trained it on (a requeued job may place the ranks anew)."""
+    lines = (stage / "ranks" / f"rank-{rank}.jsonl").read_text().splitlines()
+    return {r["step"]: r["node"] for r in map(json.loads, lines) if "node" in r}
+
+
 def assert_two_nodes_split_the_rows(stage: Path) -> None:
-    """Rank 0 ran on node1 and rank 1 on node2, and at every step they trained on different rows."""
+    """At every step the two ranks ran on different nodes (node1, node2) and trained on different rows."""
     (rows0, _), (rows1, _) = rank_log(stage, 0), rank_log(stage, 1)
     assert sorted(rows0) == sorted(rows1) and rows0, f"{stage.name}: the ranks logged different steps"
+    nodes0, nodes1 = _nodes(stage, 0), _nodes(stage, 1)
     for step in rows0:
         assert not set(rows0[step]) & set(rows1[step]), f"{stage.name} step {step}: both ranks got the same row"
-    nodes = [
-        {json.loads(line).get("node") for line in (stage / "ranks" / f"rank-{r}.jsonl").read_text().splitlines()}
-        - {None}
-        for r in (0, 1)
-    ]
-    assert nodes == [{"node1"}, {"node2"}], f"{stage.name}: ranks ran on {nodes}"
+        assert {nodes0[step], nodes1[step]} == set(NODES), f"{stage.name} step {step}: {nodes0[step]}, {nodes1[step]}"
 
 
 # --- one node: slurm.sbatch, SIGUSR1, requeue, resume --------------------------------------
@@ -197,3 +199,103 @@ def test_a_job_signalled_mid_sft_is_requeued_and_ends_with_the_uninterrupted_wei
     for stage in ("sft", "align"):
         worst = max_difference(run / stage, once / stage)
         assert worst <= TOLERANCE, f"{stage}: the requeued job's weights differ by {worst:.2e}"
+
+
+# --- two nodes: slurm_multinode.sbatch, one torchrun per node, SFT -> DPO ------------------
+
+# one process per node, micro-batch 8 each: 16 rows per optimizer step across the two nodes
+TWO_NODES = [*SMALL, "launcher.gpus=1", "sft.max_steps=16", "sft.checkpoint_steps=4",
+             "sft.per_device_train_batch_size=8", "align.max_steps=3", "align.per_device_train_batch_size=8",
+             "run.rank_logs=true", "run.reuse=false"]  # fmt: skip
+
+
+def test_a_two_node_job_preempted_once_is_requeued_and_completes_with_the_ranks_on_both_nodes(
+    tmp_path, cache_dir, jobs
+):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    options = ["--nodes=2", "--cpus-per-task=1", "--time=20", f"--output={log}", f"--chdir={tmp_path}"]
+    # the template's port 29500 may be taken on a shared machine: a free one (overrides come last)
+    overrides = [*TWO_NODES, f"launcher.master_port={free_port()}"]
+    env = job_env(cache_dir, RUN_DIR=str(run))
+    job = sbatch(REPO / "launch" / "slurm_multinode.sbatch", options, overrides, env, jobs)
+    wait_for_file(run / "sft" / "checkpoints" / "checkpoint-4" / "trainer_state.json", job, log)
+    # what `#SBATCH --signal=B:USR1@300` does before the time limit: SIGUSR1 to the batch shell
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    info = wait_for_job(job, log)
+
+    output = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), output[-4000:]
+    assert f"requeueing job {job}" in output
+    assert "launch: torchrun (srun on every node), 2 node(s) x 1 process(es) = 2" in output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["stages"]["sft"]["status"] == "resumed"
+    for stage in ("sft", "align"):
+        manifest = json.loads((run / stage / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["world_size"] == 2
+        assert_two_nodes_split_the_rows(run / stage)
+
+
+# --- a sweep: one Slurm job per point through hydra-submitit -------------------------------
+
+SWEEP = [*SMALL, "sft.max_steps=6", "sft.per_device_train_batch_size=16", "align.max_steps=2",
+         "align.per_device_train_batch_size=16"]  # fmt: skip
+SLURM_LAUNCHER = [
+    "hydra/launcher=posttrain_slurm",
+    f"hydra.launcher.partition={PARTITION}",
+    "hydra.launcher.timeout_min=20",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.mem_gb=1",
+]
+
+
+def test_a_sweep_on_slurm_runs_each_point_as_a_job_sharing_one_sft_and_writes_its_report(tmp_path, cache_dir):
+    out = tmp_path / "sweep"
+    argv, _ = posttrain_argv("-m", *SLURM_LAUNCHER, *SWEEP, "align.beta=0.05,0.1", f"run.output_dir={out}",
+                             cache_dir=tmp_path / "cache")  # fmt: skip
+    proc = subprocess.run(argv, env=job_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # submitit submits one job array, a task per point: <job>_0 and <job>_1, each with its result
+    tasks = sorted(p.parent.name for p in (out / ".submitit").glob("*/*_result.pkl"))
+    assert len(tasks) == 2 and {t.rsplit("_", 1)[1] for t in tasks} == {"0", "1"}, tasks
+    logs = "".join(p.read_text() for p in (out / ".submitit").glob("*/*_log.out"))
+    assert logs.count("stage sft (sft) starting from base") == 1, "one SFT trained"
+    assert logs.count("stage sft (sft): reusing complete artifact") == 1
+    statuses = sorted(json.loads((out / p / "summary.json").read_text())["stages"]["sft"]["status"] for p in "01")
+    assert statuses == ["reused", "trained"]
+    for point, beta in zip("01", (0.05, 0.1), strict=True):
+        manifest = json.loads((out / point / "align" / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["config"]["beta"] == beta
+    table = (out / "sweep.md").read_text()
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3 and "best: run " in table
+
+
+# --- DeepSpeed across the two nodes: LAUNCHER=deepspeed slurm_multinode.sbatch --------------
+
+
+def test_deepspeed_zero2_trains_across_the_two_nodes_of_an_allocation(tmp_path, cache_dir, jobs):
+    """srun starts `deepspeed --no_ssh --node_rank=<node>` on each node, on the hostfile the
+    template writes from the allocation: no ssh, one ZeRO-2 process group across node1 and node2."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    options = ["--nodes=2", "--cpus-per-task=1", "--time=20", f"--output={log}", f"--chdir={tmp_path}"]
+    overrides = [*TWO_NODES, "sft.max_steps=4", "align.max_steps=2", "deepspeed=zero2",
+                 f"launcher.master_port={free_port()}"]  # fmt: skip
+    env = job_env(cache_dir, RUN_DIR=str(run), LAUNCHER="deepspeed")
+    job = sbatch(REPO / "launch" / "slurm_multinode.sbatch", options, overrides, env, jobs)
+    info = wait_for_job(job, log)
+
+    output = log.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), output[-4000:]
+    hostfile = (tmp_path / f"slurm-{job}.hostfile").read_text().splitlines()
+    assert [line.split()[0] for line in hostfile] == list(NODES), "the allocation's nodes"
+    assert "launch: deepspeed (srun on every node), 2 node(s) x 1 process(es) = 2" in output
+    workers = (run / "launch" / "workers.sh").read_text()
+    assert "srun --nodes=2" in workers and "--no_ssh --node_rank=@NODE_RANK@" in workers
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    for stage in ("sft", "align"):
+        manifest = json.loads((run / stage / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["world_size"] == 2
+        assert_two_nodes_split_the_rows(run / stage)
+        assert json.loads((run / "launch" / f"deepspeed-{stage}.json").read_text())["zero_optimization"]["stage"] == 2
