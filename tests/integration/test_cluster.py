@@ -6,11 +6,11 @@ every test skips and says why.
 
 - one node (launch/slurm.sbatch): stopped mid-SFT by SIGUSR1, requeued by the script, resumed,
   and ends with the weights of a run that was never stopped;
-- two nodes (launch/slurm_multinode.sbatch): one torchrun per node, SFT -> DPO, preempted once,
-  requeued, complete; the two ranks ran on node1 and node2 and trained on disjoint rows;
+- two nodes (launch/slurm_multinode.sbatch): one torchrun (DDP) or one DeepSpeed launcher
+  (ZeRO-2, `deepspeed --no_ssh` started by srun) per node, SFT -> DPO, preempted once, requeued,
+  complete; the two ranks ran on node1 and node2 and trained on disjoint rows;
 - a sweep through hydra-submitit (conf/hydra/launcher/posttrain_slurm.yaml): one Slurm job per
-  point, one SFT trained and reused by the other point, the sweep report written;
-- DeepSpeed ZeRO-2 across the two nodes: srun starts `deepspeed --no_ssh` on each node.
+  point, one SFT trained and reused by the other point, the sweep report written.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _cluster_problem() -> str | None:
             ["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N %t"], capture_output=True, text=True, timeout=20
         )
     except subprocess.TimeoutExpired:
-        return "sinfo did not answer in 20 s: slurmctld is not running; run `sudo .ci/slurm_up`"
+        return "sinfo did not answer in 20 s (no slurmctld reachable); run `sudo .ci/slurm_up`"
     if listed.returncode != 0:
         return f"the cluster is not up (sinfo: {listed.stderr.strip()}); run `sudo .ci/slurm_up`"
     states = dict(line.split() for line in listed.stdout.splitlines() if line.strip())
@@ -201,7 +201,7 @@ def test_a_job_signalled_mid_sft_is_requeued_and_ends_with_the_uninterrupted_wei
         assert worst <= TOLERANCE, f"{stage}: the requeued job's weights differ by {worst:.2e}"
 
 
-# --- two nodes: slurm_multinode.sbatch, one torchrun per node, SFT -> DPO ------------------
+# --- two nodes: slurm_multinode.sbatch, one torchrun or deepspeed per node, SFT -> DPO -------
 
 # one process per node, micro-batch 8 each: 16 rows per optimizer step across the two nodes
 TWO_NODES = [*SMALL, "launcher.gpus=1", "sft.max_steps=16", "sft.checkpoint_steps=4",
@@ -209,14 +209,24 @@ TWO_NODES = [*SMALL, "launcher.gpus=1", "sft.max_steps=16", "sft.checkpoint_step
              "run.rank_logs=true", "run.reuse=false"]  # fmt: skip
 
 
+# LAUNCHER (the template's choice) and the posttrain overrides of each way to span the nodes
+SPANS = {
+    "torchrun_ddp": ("torchrun", []),
+    # srun starts `deepspeed --no_ssh --node_rank=<node>` on each node: no ssh, one process group
+    "deepspeed_zero2": ("deepspeed", ["deepspeed=zero2"]),
+}
+
+
+@pytest.mark.parametrize("span", SPANS)
 def test_a_two_node_job_preempted_once_is_requeued_and_completes_with_the_ranks_on_both_nodes(
-    tmp_path, cache_dir, jobs
+    span, tmp_path, cache_dir, jobs
 ):
+    launcher, extra = SPANS[span]
     run, log = tmp_path / "run", tmp_path / "job.out"
     options = ["--nodes=2", "--cpus-per-task=1", "--time=20", f"--output={log}", f"--chdir={tmp_path}"]
     # the template's port 29500 may be taken on a shared machine: a free one (overrides come last)
-    overrides = [*TWO_NODES, f"launcher.master_port={free_port()}"]
-    env = job_env(cache_dir, RUN_DIR=str(run))
+    overrides = [*TWO_NODES, *extra, f"launcher.master_port={free_port()}"]
+    env = job_env(cache_dir, RUN_DIR=str(run), LAUNCHER=launcher)
     job = sbatch(REPO / "launch" / "slurm_multinode.sbatch", options, overrides, env, jobs)
     wait_for_file(run / "sft" / "checkpoints" / "checkpoint-4" / "trainer_state.json", job, log)
     # what `#SBATCH --signal=B:USR1@300` does before the time limit: SIGUSR1 to the batch shell
@@ -226,7 +236,7 @@ def test_a_two_node_job_preempted_once_is_requeued_and_completes_with_the_ranks_
     output = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), output[-4000:]
     assert f"requeueing job {job}" in output
-    assert "launch: torchrun (srun on every node), 2 node(s) x 1 process(es) = 2" in output
+    assert f"launch: {launcher} (srun on every node), 2 node(s) x 1 process(es) = 2" in output
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert summary["stages"]["sft"]["status"] == "resumed"
@@ -234,6 +244,12 @@ def test_a_two_node_job_preempted_once_is_requeued_and_completes_with_the_ranks_
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["world_size"] == 2
         assert_two_nodes_split_the_rows(run / stage)
+    if launcher == "deepspeed":
+        hostfile = (tmp_path / f"slurm-{job}.hostfile").read_text().splitlines()
+        assert [line.split()[0] for line in hostfile] == list(NODES), "the allocation's nodes"
+        assert "--no_ssh --node_rank=@NODE_RANK@" in (run / "launch" / "workers.sh").read_text()
+        ds = json.loads((run / "launch" / "deepspeed-sft.json").read_text())
+        assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 16
 
 
 # --- a sweep: one Slurm job per point through hydra-submitit -------------------------------
@@ -270,32 +286,3 @@ def test_a_sweep_on_slurm_runs_each_point_as_a_job_sharing_one_sft_and_writes_it
         assert manifest["status"] == "complete" and manifest["config"]["beta"] == beta
     table = (out / "sweep.md").read_text()
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3 and "best: run " in table
-
-
-# --- DeepSpeed across the two nodes: LAUNCHER=deepspeed slurm_multinode.sbatch --------------
-
-
-def test_deepspeed_zero2_trains_across_the_two_nodes_of_an_allocation(tmp_path, cache_dir, jobs):
-    """srun starts `deepspeed --no_ssh --node_rank=<node>` on each node, on the hostfile the
-    template writes from the allocation: no ssh, one ZeRO-2 process group across node1 and node2."""
-    run, log = tmp_path / "run", tmp_path / "job.out"
-    options = ["--nodes=2", "--cpus-per-task=1", "--time=20", f"--output={log}", f"--chdir={tmp_path}"]
-    overrides = [*TWO_NODES, "sft.max_steps=4", "align.max_steps=2", "deepspeed=zero2",
-                 f"launcher.master_port={free_port()}"]  # fmt: skip
-    env = job_env(cache_dir, RUN_DIR=str(run), LAUNCHER="deepspeed")
-    job = sbatch(REPO / "launch" / "slurm_multinode.sbatch", options, overrides, env, jobs)
-    info = wait_for_job(job, log)
-
-    output = log.read_text()
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), output[-4000:]
-    hostfile = (tmp_path / f"slurm-{job}.hostfile").read_text().splitlines()
-    assert [line.split()[0] for line in hostfile] == list(NODES), "the allocation's nodes"
-    assert "launch: deepspeed (srun on every node), 2 node(s) x 1 process(es) = 2" in output
-    workers = (run / "launch" / "workers.sh").read_text()
-    assert "srun --nodes=2" in workers and "--no_ssh --node_rank=@NODE_RANK@" in workers
-    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
-    for stage in ("sft", "align"):
-        manifest = json.loads((run / stage / "manifest.json").read_text())
-        assert manifest["status"] == "complete" and manifest["world_size"] == 2
-        assert_two_nodes_split_the_rows(run / stage)
-        assert json.loads((run / "launch" / f"deepspeed-{stage}.json").read_text())["zero_optimization"]["stage"] == 2
