@@ -4,8 +4,9 @@ Every test submits with sbatch and waits for the jobs; the run folders and the c
 pytest's tmp_path (the nodes share this machine's disk). Where sbatch or the nodes are missing,
 every test skips and says why.
 
-- one node (launch/slurm.sbatch): stopped mid-SFT by SIGUSR1, requeued by the script, resumed,
-  and ends with the weights of a run that was never stopped;
+- one node (launch/slurm.sbatch): stopped mid-SFT by SIGUSR1 (to the job's steps, or to the
+  batch shell), requeued by the script, resumed, and ends with the weights of a run that was
+  never stopped;
 - two nodes (launch/slurm_multinode.sbatch): one torchrun (DDP) or one DeepSpeed launcher
   (ZeRO-2, `deepspeed --no_ssh` started by srun) per node, SFT -> DPO, preempted once, requeued,
   complete; the two ranks ran on node1 and node2 and trained on disjoint rows;
@@ -174,14 +175,31 @@ ONE_NODE = [*SMALL, "sft.max_steps=30", "sft.checkpoint_steps=5", "sft.per_devic
             "align.max_steps=2", "align.per_device_train_batch_size=16", "run.reuse=false"]  # fmt: skip
 
 
-def test_a_job_signalled_mid_sft_is_requeued_and_ends_with_the_uninterrupted_weights(tmp_path, cache_dir, jobs):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir) -> Path:
+    """The same run as a plain `posttrain`, never stopped."""
+    once = tmp_path_factory.mktemp("once") / "run"
+    argv, _ = posttrain_argv(*ONE_NODE, f"run.output_dir={once}", cache_dir=cache_dir)
+    proc = subprocess.run(argv, env=job_env(cache_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return once
+
+
+# how Slurm's signal arrives: to the job's steps (the template's `--signal=USR1@120` before the
+# time limit), or to the batch shell (`--signal=B:USR1`, a preemption's SIGTERM), which passes it on
+SIGNALLED = {"steps": ["--signal=USR1"], "batch_shell": ["--batch", "--signal=USR1"]}
+
+
+@pytest.mark.parametrize("signalled", SIGNALLED)
+def test_a_job_signalled_mid_sft_is_requeued_and_ends_with_the_uninterrupted_weights(
+    signalled, uninterrupted, tmp_path, cache_dir, jobs
+):
     run, log = tmp_path / "run", tmp_path / "job.out"
     options = ["--nodes=1", "--cpus-per-task=1", "--time=20", f"--output={log}", f"--chdir={tmp_path}"]
     job = sbatch(REPO / "launch" / "slurm.sbatch", options, [*ONE_NODE, f"run.output_dir={run}"],
                  job_env(cache_dir), jobs)  # fmt: skip
     wait_for_file(run / "sft" / "checkpoints" / "checkpoint-5" / "trainer_state.json", job, log)
-    # what `#SBATCH --signal=USR1@120` does before the time limit: SIGUSR1 to the job's steps
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    subprocess.run(["scancel", *SIGNALLED[signalled], job], check=True)
     info = wait_for_job(job, log)
 
     output = log.read_text()
@@ -190,14 +208,9 @@ def test_a_job_signalled_mid_sft_is_requeued_and_ends_with_the_uninterrupted_wei
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert summary["stages"]["sft"]["status"] == "resumed", "the requeued job resumed SFT from its checkpoint"
-    assert "resuming " in output and "/sft/checkpoints/checkpoint-" in output
-
-    once = tmp_path / "once"
-    argv, _ = posttrain_argv(*ONE_NODE, f"run.output_dir={once}", cache_dir=cache_dir)
-    proc = subprocess.run(argv, env=job_env(cache_dir), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming {run / 'sft' / 'checkpoints'}/checkpoint-" in output
     for stage in ("sft", "align"):
-        worst = max_difference(run / stage, once / stage)
+        worst = max_difference(run / stage, uninterrupted / stage)
         assert worst <= TOLERANCE, f"{stage}: the requeued job's weights differ by {worst:.2e}"
 
 
