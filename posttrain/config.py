@@ -448,7 +448,8 @@ class LauncherConfig:
     rdzv_id: str | int | None = None
     # deepspeed launcher: a hostfile of `host slots=N` lines (null: this node only)
     hostfile: str | None = None
-    # start the launcher on every node of the Slurm allocation with `srun` (one task per node)
+    # start the launcher on every node of the Slurm allocation with `srun` (one task per node;
+    # deepspeed then reaches no node over ssh: each node's runs with --no_ssh and its rank)
     srun: bool = False
     # extra arguments for the launcher command, before the worker module
     extra_args: list[str] = field(default_factory=list)
@@ -476,10 +477,9 @@ class LauncherConfig:
                 f"{self.name} on {self.nnodes} nodes needs the rank-0 node's address (every node must reach it)",
             )
         require(
-            not self.srun or self.name in ("torchrun", "accelerate"),
+            not self.srun or self.name != "local",
             "launcher.srun",
-            f"srun starts torchrun or accelerate on every node; {self.name} "
-            + ("reaches the nodes itself (hostfile)" if self.name == "deepspeed" else "runs one process"),
+            "srun starts torchrun, deepspeed or accelerate on every node; local runs one process",
         )
         if self.name == "deepspeed" and self.nnodes > 1:
             require(

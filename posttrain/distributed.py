@@ -168,16 +168,19 @@ def _peaks() -> dict[str, int | None]:
 
 def rank_logger(trainer, folder, rss_before_model: int | None = None) -> None:
     """Make `trainer` append, on this rank, one line per training batch (a digest of each row's
-    tokens), one per log (the losses it logged) and, at the end of training, one memory record to
-    `<folder>/ranks/rank-<N>.jsonl`: the resident memory before the model loaded
-    (`rss_before_model`, from memory_mark), the peak RSS (and CUDA peak) while the model loaded,
-    and the peak during train() (DeepSpeed's or DDP's set-up, every step), in bytes."""
+    tokens, and the node: Slurm's node name, else the host name), one per log (the losses it
+    logged) and, at the end of training, one memory record to `<folder>/ranks/rank-<N>.jsonl`:
+    the resident memory before the model loaded (`rss_before_model`, from memory_mark), the peak
+    RSS (and CUDA peak) while the model loaded, and the peak during train() (DeepSpeed's or DDP's
+    set-up, every step), in bytes."""
     import hashlib
     import json
+    import socket
 
     from transformers import TrainerCallback
 
     path = folder / "ranks" / f"rank-{rank()}.jsonl"
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(record: dict) -> None:
@@ -194,7 +197,7 @@ def rank_logger(trainer, folder, rss_before_model: int | None = None) -> None:
             kept = row if mask is None else [t for t, m in zip(row, mask[i].tolist(), strict=True) if m]
             rows.append(hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16])
         # the optimizer step this batch counts toward (train() replaces trainer.state)
-        write({"step": trainer.state.global_step + 1, "rows": rows})
+        write({"step": trainer.state.global_step + 1, "rows": rows, "node": node})
 
     class LoggedLosses(TrainerCallback):
         loading: dict[str, int | None] = {}

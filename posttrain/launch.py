@@ -90,8 +90,13 @@ def launch_command(cfg: Config, resolved: Path) -> list[str]:
         cmd = ["deepspeed"]
         if launcher.hostfile:
             cmd += [f"--hostfile={Path(launcher.hostfile).expanduser()}", f"--num_nodes={nodes}"]
-        if launcher.master_addr or not launcher.hostfile:  # else DeepSpeed takes the hostfile's first host
-            cmd += [f"--master_addr={launcher.master_addr or '127.0.0.1'}"]
+        if launcher.srun:  # srun starts DeepSpeed on every node: no ssh, each node names its rank
+            cmd += ["--no_ssh", f"--node_rank={NODE_RANK}"]
+        master_addr = launcher.master_addr
+        if master_addr is None and launcher.srun and launcher.hostfile:  # DeepSpeed would ask it over ssh
+            master_addr = read_hostfile(Path(launcher.hostfile).expanduser())[0][0]
+        if master_addr or not launcher.hostfile:  # else DeepSpeed takes the hostfile's first host
+            cmd += [f"--master_addr={master_addr or '127.0.0.1'}"]
         cmd += [
             f"--num_gpus={gpus}",
             f"--master_port={_port(launcher)}",

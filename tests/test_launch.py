@@ -99,6 +99,23 @@ def test_deepspeed_command_for_four_nodes_of_eight_gpus(tmp_path):
     _bash_ok(command, tmp_path)
 
 
+def test_deepspeed_under_srun_starts_on_every_node_without_ssh(tmp_path):
+    cfg = config(
+        "deepspeed=zero3", "launcher=deepspeed", "launcher.gpus=8", "launcher.nnodes=4",
+        f"launcher.hostfile={HOSTFILE}", "launcher.srun=true", tmp_path=tmp_path,
+    )  # fmt: skip
+    resolved = tmp_path / "run" / "resolved.yaml"
+    command = launch_command(cfg, resolved)
+    assert command[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    # each node's deepspeed names its own rank (srun's SLURM_NODEID) and the hostfile's first host
+    assert command[command.index("deepspeed") :] == [
+        "deepspeed", f"--hostfile={HOSTFILE}", "--num_nodes=4", "--no_ssh", "--node_rank=@NODE_RANK@",
+        "--master_addr=node-0", "--num_gpus=8", "--master_port=29500", "--no_local_rank", "--module",
+        "posttrain.worker", str(resolved),
+    ]  # fmt: skip
+    _bash_ok(command, tmp_path)
+
+
 def test_torchrun_commands_for_four_nodes_of_eight_gpus(tmp_path):
     common = ["launcher=torchrun", "launcher.gpus=8", "launcher.nnodes=4", "launcher.master_addr=node-0"]
     resolved = tmp_path / "run" / "resolved.yaml"

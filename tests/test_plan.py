@@ -156,8 +156,8 @@ def test_iterative_dpo_with_its_reference_pinned_to_sft(tmp_path, cache_dir, cap
         ),
         (["launcher.gpus=2"], "launcher.gpus: launcher=local runs one process; use torchrun or deepspeed"),
         (
-            ["launcher=deepspeed", "launcher.srun=true"],
-            "launcher.srun: srun starts torchrun or accelerate on every node; deepspeed reaches the nodes itself",
+            ["launcher.srun=true"],
+            "launcher.srun: srun starts torchrun, deepspeed or accelerate on every node; local runs one process",
         ),
         (["launcher.name=mpirun"], "launcher.name: 'mpirun' is not one of local, torchrun, deepspeed, accelerate"),
         (["deepspeed.stage=4"], "deepspeed.stage: 4 is not one of null, 0, 1, 2, 3"),
