@@ -14,7 +14,7 @@ from posttrain.data import formats
 from posttrain.data.builtin import TASKS, TaskSpec, generate, solve, task_of
 from posttrain.plan import load_config
 from posttrain.rewards import RewardError, builtin_partial_reward, builtin_reward, load_reward, load_rewards
-from posttrain.stages.band import BandConfig, in_band, pass_rates
+from posttrain.stages.band import BandConfig, band_sampler, in_band, pass_rates
 from posttrain.stages.pairs import best_and_worst, pair_row
 from tests.conftest import compose_tree, user_module
 
@@ -169,6 +169,19 @@ def test_pass_rates_and_the_band():
     assert rates == [1.0, 0.0, 0.5, 0.25]
     assert in_band(rates, band) == [2, 3]
     assert in_band(rates, BandConfig(low=0.0, high=1.0)) == [0, 1, 2, 3]
+
+
+def test_the_band_sampler_draws_only_kept_prompts_and_keeps_its_epoch_length():
+    from trl.trainer.utils import RepeatSampler
+
+    sampler = band_sampler(RepeatSampler)(range(20), mini_repeat_count=2, batch_size=4, repeat_count=3, seed=0)
+    everything = list(sampler)
+    assert sorted(set(everything)) == list(range(20)) and len(everything) == len(sampler)
+    sampler.kept = {3, 7}  # fewer than a batch: drawn in turns
+    drawn = list(sampler)
+    assert set(drawn) == {3, 7} and len(drawn) == len(sampler)
+    groups = [drawn[i : i + 2] for i in range(0, len(drawn), 2)]
+    assert all(a == b for a, b in groups)  # each prompt repeated for its group
 
 
 def _online_config(*overrides: str):

@@ -53,7 +53,9 @@ def in_band(rates: Sequence[float], band: BandConfig) -> list[int]:
 
 def band_sampler(base_cls: type):
     """TRL's RepeatSampler (passed in: TRL is imported by the stage) drawing only from `kept`
-    (None: every prompt); a refresh takes effect from the next generation batch."""
+    (None: every prompt). An epoch has as many generation batches as without a band; the kept
+    prompts are drawn in shuffled turns, so a band smaller than a batch still fills it. A refresh
+    takes effect from the next generation batch."""
 
     class BandSampler(base_cls):
         kept: set[int] | None = None
@@ -62,16 +64,21 @@ def band_sampler(base_cls: type):
             import torch
 
             order = torch.randperm(self.num_samples, generator=self.generator).tolist()
-            chunk: list[int] = []
-            for index in order:
-                if self.kept is not None and index not in self.kept:
-                    continue
-                chunk.append(index)
-                if len(chunk) == self.batch_size:
-                    for _ in range(self.repeat_count):
-                        for i in chunk:
-                            yield from [i] * self.mini_repeat_count
+            turn: list[int] = []
+            for start in range(0, self.num_samples - self.batch_size + 1, self.batch_size):
+                if self.kept is None:
+                    chunk = order[start : start + self.batch_size]
+                else:
                     chunk = []
+                    while len(chunk) < self.batch_size:
+                        turn = [i for i in turn if i in self.kept]  # a refresh drops the prompts it left out
+                        if not turn:
+                            kept = sorted(self.kept)
+                            turn = [kept[i] for i in torch.randperm(len(kept), generator=self.generator).tolist()]
+                        chunk.append(turn.pop())
+                for _ in range(self.repeat_count):
+                    for i in chunk:
+                        yield from [i] * self.mini_repeat_count
 
     return BandSampler
 
@@ -79,7 +86,7 @@ def band_sampler(base_cls: type):
 def band_callback(trainer: Any, band: BandConfig, score: Callable[[list[int]], list[float]], seed: int):
     """A TrainerCallback that, at the start and every `band.every` steps, scores a fresh pool of
     prompt indices (`score(indices)` -> their pass rates, the same on every rank) and keeps those
-    in the band; fewer than one generation batch in the band keeps every prompt."""
+    in the band; a pool with none in the band keeps every prompt."""
     import random
 
     from transformers import TrainerCallback
@@ -92,7 +99,7 @@ def band_callback(trainer: Any, band: BandConfig, score: Callable[[list[int]], l
             pool = rng.sample(range(sampler.num_samples), min(band.pool, sampler.num_samples))
             rates = score(pool)
             kept = {pool[i] for i in in_band(rates, band)}
-            sampler.kept = kept if len(kept) >= sampler.batch_size else None
+            sampler.kept = kept or None
             share = len(kept) / len(pool)
             trainer.band_log.append({"step": state.global_step, "kept": sorted(kept), "kept_share": share})
             trainer._metrics["train"]["band/kept_share"].append(share)
