@@ -117,8 +117,11 @@ def job_info(job_id: str) -> dict[str, str]:
 
 
 def start_requeued_now(job_id: str, info: dict[str, str]) -> None:
-    """Slurm holds a requeued job for two minutes (BeginTime); the tests start it at once."""
+    """Slurm holds a requeued job for two minutes (BeginTime); the tests start it a few seconds
+    after the requeue instead. Not in the same second: slurmd refuses a job whose credential is no
+    newer than the revoked one of its previous run ("Job credential revoked", and the job fails)."""
     if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+        time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
 
 
