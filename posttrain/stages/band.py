@@ -101,7 +101,6 @@ def band_callback(trainer: Any, band: BandConfig, score: Callable[[list[int]], l
             kept = {pool[i] for i in in_band(rates, band)}
             sampler.kept = kept or None
             share = len(kept) / len(pool)
-            trainer.band_log.append({"step": state.global_step, "kept": sorted(kept), "kept_share": share})
             trainer._metrics["train"]["band/kept_share"].append(share)
 
         def on_train_begin(self, args, state, control, **kwargs):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from posttrain.config import ConfigError, StageConfig, require
 from posttrain.memory import activation_checkpointing
 from posttrain.models import compute_dtype
+from posttrain.rewards import reward_specs
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -44,7 +45,7 @@ class OnlineStageConfig(StageConfig):
 
     def validate(self, key: str) -> None:
         super().validate(key)
-        sources = [self.reward] if isinstance(self.reward, str) else self.reward
+        sources = reward_specs(self.reward)
         require(bool(sources), f"{key}.reward", "names no source; give one (builtin) or a list of them")
         if self.reward_weights is not None:
             weights = self.reward_weights
@@ -58,6 +59,11 @@ class OnlineStageConfig(StageConfig):
             require(any(w > 0 for w in weights), f"{key}.reward_weights", "all are 0; at least one must be > 0")
         require(self.temperature > 0, f"{key}.temperature", f"{self.temperature} must be > 0 (replies must differ)")
         require(0 < self.top_p <= 1, f"{key}.top_p", f"{self.top_p} is not in (0, 1]")
+
+
+def last_turn_text(value: str | list[dict]) -> str:
+    """A prompt or reply as reward sources take it: the text itself, or a conversation's last turn."""
+    return value if isinstance(value, str) else value[-1]["content"]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from posttrain.config import require
 from posttrain.data.builtin import task_of
 from posttrain.generation import Sampler, SamplingSettings, vllm_usable
 from posttrain.stages.band import BandConfig, band_callback, band_sampler, pass_rates
-from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs
+from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs, last_turn_text
 
 # TRL 1.16's GRPO losses (luspo needs importance_sampling_level: sequence)
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -115,13 +115,9 @@ def trl_rewards(inputs: TrainerInputs) -> list:
     return [_trl_reward(source) for source in inputs.reward.sources]
 
 
-def _text(value) -> str:
-    return value if isinstance(value, str) else value[-1]["content"]
-
-
 def _trl_reward(source):
     def reward_fn(prompts, completions, **kwargs) -> list[float]:
-        return source([_text(p) for p in prompts], [_text(c) for c in completions])
+        return source([last_turn_text(p) for p in prompts], [last_turn_text(c) for c in completions])
 
     reward_fn.__name__ = source.name
     return reward_fn
@@ -136,7 +132,7 @@ def task_rewards(trainer) -> None:
 
     def calculate(inputs, prompts, completions, completion_ids_list):
         rewards_per_func = original(inputs, prompts, completions, completion_ids_list)  # every rank's rows
-        texts = gather_object([_text(p) for p in prompts])
+        texts = gather_object([last_turn_text(p) for p in prompts])
         combined = (rewards_per_func * trainer.reward_weights.to(rewards_per_func.device)).nansum(dim=1).tolist()
         by_task: dict[str, list[float]] = {}
         for prompt, reward in zip(texts, combined, strict=True):
@@ -182,7 +178,6 @@ def make_trainer(inputs: TrainerInputs):
     task_rewards(trainer)
     if cfg.band is not None:
         score = band_scorer(trainer, inputs)
-        trainer.band_log = []  # every refresh: its step, the prompts kept and their share of the pool
         trainer.add_callback(band_callback(trainer, cfg.band, score, seed=args.seed))
     return trainer
 
@@ -230,7 +225,7 @@ def band_scorer(trainer, inputs: TrainerInputs):
                 )
             finally:
                 model.train(was_training)
-        texts = [_text(p) for p in prompts for _ in range(band.samples)]
+        texts = [last_turn_text(p) for p in prompts for _ in range(band.samples)]
         rewards = inputs.reward(texts, [r for group in replies for r in group]) if mine else []
         rates = gather_object(
             [(i, rate) for i, rate in zip(mine, pass_rates(rewards, band.samples, band.pass_reward), strict=True)]

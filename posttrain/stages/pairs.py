@@ -22,7 +22,7 @@ from posttrain import artifacts
 from posttrain.config import require
 from posttrain.data.formats import DataError
 from posttrain.generation import ENGINES, Sampler, SamplingSettings
-from posttrain.stages.base import DataStageInputs, OnlineStageConfig, StageSpec
+from posttrain.stages.base import DataStageInputs, OnlineStageConfig, StageSpec, last_turn_text
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -111,10 +111,6 @@ def _chunks(rows: Dataset, size: int):
         yield rows[start : start + size]
 
 
-def _prompt_text(prompt: list[dict]) -> str:
-    return prompt[-1]["content"]
-
-
 def make_data(inputs: DataStageInputs) -> dict[str, float] | None:
     """Sample, score and pair every prompt of both splits; the metrics, or None when stopped."""
     from tqdm.auto import tqdm
@@ -160,7 +156,7 @@ def make_data(inputs: DataStageInputs) -> dict[str, float] | None:
 
 
 def _scored(chunk: dict[str, list], replies: list[list[str]], reward: Reward) -> list[dict]:
-    prompts = [_prompt_text(p) for p in chunk["prompt"] for _ in replies[0]]
+    prompts = [last_turn_text(p) for p in chunk["prompt"] for _ in replies[0]]
     flat = reward(prompts, [r for group in replies for r in group])
     k = len(replies[0])
     tasks = chunk.get("task") or [None] * len(replies)
