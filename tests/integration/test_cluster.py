@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from posttrain.distributed import free_port
 from tests.conftest import REPO, posttrain_argv
 from tests.integration.test_distributed import rank_log
+from tests.integration.test_resume import _max_difference
 
 pytestmark = pytest.mark.cluster
 
@@ -153,12 +153,6 @@ def _tail(log: Path, chars: int = 4000) -> str:
     return log.read_text()[-chars:] if log.exists() else f"(no {log})"
 
 
-def max_difference(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
-
-
 def _nodes(stage: Path, rank: int) -> dict[int, str]:
     """step -> the node that rank trained it on (a requeued job may place the ranks anew)."""
     lines = (stage / "ranks" / f"rank-{rank}.jsonl").read_text().splitlines()
@@ -221,7 +215,7 @@ def test_a_job_signalled_mid_sft_is_requeued_and_ends_with_the_uninterrupted_wei
     assert summary["stages"]["sft"]["status"] == "resumed", "the requeued job resumed SFT from its checkpoint"
     assert f"resuming {run / 'sft' / 'checkpoints'}/checkpoint-" in output
     for stage in ("sft", "align"):
-        worst = max_difference(run / stage, uninterrupted / stage)
+        worst = _max_difference(run / stage, uninterrupted / stage)
         assert worst <= TOLERANCE, f"{stage}: the requeued job's weights differ by {worst:.2e}"
 
 
