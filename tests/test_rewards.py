@@ -11,11 +11,12 @@ import pytest
 
 from posttrain.config import ConfigError
 from posttrain.data import formats
+from posttrain.data.formats import DataError
 from posttrain.data.builtin import TASKS, TaskSpec, generate, solve, task_of
 from posttrain.plan import load_config
 from posttrain.rewards import RewardError, builtin_partial_reward, builtin_reward, load_reward, load_rewards
-from posttrain.stages.band import BandConfig, band_sampler, in_band, pass_rates
-from posttrain.stages.pairs import best_and_worst, pair_row
+from posttrain.stages.band import BandConfig, PassBand, band_sampler, in_band, pass_rates
+from posttrain.stages.pairs import _write_pairs, best_and_worst, pair_row
 from tests.conftest import compose_tree, user_module
 
 ONLINE = ["+pairs@pairs=onpolicy", "run.stages=[sft,pairs,align]", "align.data={path:'stage:pairs'}"]
@@ -268,6 +269,32 @@ def test_the_pair_builder_skips_near_ties_and_identical_texts():
     assert math.isclose(sample["scores"][1] - sample["scores"][0], 1.0)
 
 
+def test_the_pairs_band_keeps_only_prompts_with_mixed_pass_rates(tmp_path):
+    """pairs.band: a prompt gives a pair only when its replies' pass rate lies in [low, high]."""
+    band = PassBand(low=0.25, high=0.75)
+    by_rate = {  # 4 replies each; the pass rate is the share scoring 1.0
+        "all pass": [1.0, 1.0, 1.0, 1.0],
+        "three of four": [1.0, 1.0, 1.0, 0.5],
+        "half": [1.0, 0.0, 0.5, 1.0],
+        "one of four": [0.0, 1.0, 0.25, 0.0],
+        "none pass": [0.9, 0.0, 0.5, 0.0],  # graded rewards differ, but none passes
+    }
+    samples = [
+        {"prompt": [{"role": "user", "content": name}], "replies": list("abcd"), "scores": scores}
+        for name, scores in by_rate.items()
+    ]
+    kept = [s["prompt"][0]["content"] for s in samples if pair_row(s, 0.0, band) is not None]
+    assert kept == ["three of four", "half", "one of four"]
+    assert pair_row(samples[-1], 0.0) is not None  # without a band, graded rewards make a pair
+    (tmp_path / "samples-train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    metrics = _write_pairs(tmp_path, 0.0, 4, band)
+    assert (metrics["pairs"], metrics["band/kept_share"], metrics["ties_skipped"]) == (3, 0.6, 0)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["prompt"][0]["content"] for r in rows] == kept
+    with pytest.raises(DataError, match=r"no prompt's pass rate over its 4 replies lies in band \[0.3, 0.3\]"):
+        _write_pairs(tmp_path, 0.0, 4, PassBand(low=0.3, high=0.3))
+
+
 @pytest.mark.parametrize(
     "columns, fmt",
     [
@@ -354,6 +381,8 @@ def test_a_reward_model_artifact_scores_prompt_and_reply(cache_dir, tmp_path):
         ),
         (["align=grpo", "align.band={samples: 1}"], "align.band.samples: 1 must be >= 2 (a rate between 0 and 1)"),
         (["align=grpo", "align.band={lo: 0.1}"], "align.band.lo: unknown key; did you mean low?"),
+        ([*ONLINE, "pairs.band={low: 0.9, high: 0.1}"], "pairs.band.low: need 0 <= low <= high <= 1, got 0.9, 0.1"),
+        ([*ONLINE, "pairs.band={samples: 4}"], "pairs.band.samples: unknown key; allowed: high, low, pass_reward"),
     ],
 )
 def test_online_stage_settings_are_checked(overrides, message):

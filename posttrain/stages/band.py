@@ -1,6 +1,7 @@
-"""Prompts at the edge of competence for GRPO (`<stage>.band`): every `every` steps the current
+"""Prompts at the edge of competence (`<stage>.band`). GRPO: every `every` steps the current
 model answers a pool of prompts `samples` times each, and training samples only the prompts whose
-pass rate lies in [low, high]. A prompt every reply passes, or every reply fails, gives its group
+pass rate lies in [low, high]. pairs: a prompt gives a pair only when the pass rate of its
+`num_samples` replies lies in [low, high] (`PassBand`). A prompt every reply passes, or every reply fails, gives its group
 equal rewards and so no gradient (TRL logs the share of such groups as `frac_reward_zero_std`).
 
 Built around TRL's GRPOTrainer without changing its loop: `BandSampler` is its RepeatSampler
@@ -19,16 +20,11 @@ from posttrain.config import require
 
 
 @dataclass
-class BandConfig:
-    # pass rates kept: low <= rate <= high (a reply passes when its reward >= pass_reward)
+class PassBand:
+    """The pass rates kept: low <= rate <= high (a reply passes when its reward >= pass_reward)."""
+
     low: float = 0.1
     high: float = 0.9
-    # replies per pool prompt when scoring (the pass rate's resolution)
-    samples: int = 4
-    # prompts scored per refresh (drawn anew each time)
-    pool: int = 64
-    # optimizer steps between refreshes
-    every: int = 20
     # the reward a reply needs to pass (1.0: the exact answer of the built-in checkers)
     pass_reward: float = 1.0
 
@@ -36,6 +32,25 @@ class BandConfig:
         require(
             0 <= self.low <= self.high <= 1, f"{key}.low", f"need 0 <= low <= high <= 1, got {self.low}, {self.high}"
         )
+
+    def keeps(self, rewards: Sequence[float]) -> bool:
+        """Whether the pass rate of one prompt's replies (their rewards) lies in the band."""
+        return bool(in_band(pass_rates(rewards, len(rewards), self.pass_reward), self))
+
+
+@dataclass
+class BandConfig(PassBand):
+    """GRPO's band: PassBand, re-scored on a fresh pool of prompts every `every` steps."""
+
+    # replies per pool prompt when scoring (the pass rate's resolution)
+    samples: int = 4
+    # prompts scored per refresh (drawn anew each time)
+    pool: int = 64
+    # optimizer steps between refreshes
+    every: int = 20
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
         require(self.samples >= 2, f"{key}.samples", f"{self.samples} must be >= 2 (a rate between 0 and 1)")
         require(self.pool >= 1, f"{key}.pool", f"{self.pool} must be >= 1")
         require(self.every >= 1, f"{key}.every", f"{self.every} must be >= 1")
@@ -46,7 +61,7 @@ def pass_rates(rewards: Sequence[float], samples: int, pass_reward: float) -> li
     return [sum(r >= pass_reward for r in rewards[i : i + samples]) / samples for i in range(0, len(rewards), samples)]
 
 
-def in_band(rates: Sequence[float], band: BandConfig) -> list[int]:
+def in_band(rates: Sequence[float], band: PassBand) -> list[int]:
     """Positions of the rates inside [low, high]."""
     return [i for i, rate in enumerate(rates) if band.low <= rate <= band.high]
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from posttrain import artifacts
 from posttrain.config import require
 from posttrain.data.formats import DataError
-from posttrain.generation import ENGINES, Sampler, SamplingSettings
+from posttrain.generation import ENGINES, ReplyDetail, Sampler, SamplingSettings
+from posttrain.stages.band import PassBand
 from posttrain.stages.base import DataStageInputs, OnlineStageConfig, StageSpec, last_turn_text
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class PairsStageConfig(OnlineStageConfig):
     # sample for the first N train / held-out prompts of `data` (null: all of them)
     num_prompts: int | None = None
     num_eval_prompts: int | None = 200
+    # pair only the prompts whose pass rate over their num_samples replies lies in [low, high]
+    # (null: every untied prompt); see posttrain/stages/band.py
+    band: PassBand | None = None
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -63,6 +67,8 @@ class PairsStageConfig(OnlineStageConfig):
         for name in ("num_prompts", "num_eval_prompts"):
             value = getattr(self, name)
             require(value is None or value > 0, f"{key}.{name}", f"{value} must be > 0 or null (all)")
+        if self.band is not None:
+            self.band.validate(f"{key}.band")
 
 
 # --- the pair builder -----------------------------------------------------------------------
@@ -76,9 +82,11 @@ def best_and_worst(scores: Sequence[float], min_gap: float = 0.0) -> tuple[int, 
     return (best, worst) if scores[best] - scores[worst] > min_gap else None
 
 
-def pair_row(sample: dict, min_gap: float) -> dict | None:
-    """A preference row from one prompt's scored replies, or None (tied, or the same text).
-    Empty replies take no part (a preference row needs two replies)."""
+def pair_row(sample: dict, min_gap: float, band: PassBand | None = None) -> dict | None:
+    """A preference row from one prompt's scored replies, or None (tied, the same text, or a pass
+    rate outside the band). Empty replies take no part (a preference row needs two replies)."""
+    if band is not None and not band.keeps(sample["scores"]):
+        return None
     kept = [(r, x) for r, x in zip(sample["replies"], sample["scores"], strict=True) if r]
     replies, scores = [r for r, _ in kept], [x for _, x in kept]
     picked = best_and_worst(scores, min_gap) if kept else None
@@ -136,14 +144,13 @@ def make_data(inputs: DataStageInputs) -> dict[str, float] | None:
                 if i < done.get(split, 0):
                     continue
                 # seeded by position: a resumed stage samples what an uninterrupted one would
-                replies = sampler.sample(chunk["prompt"], seed=inputs.seed * 1_000_003 + offset * 100_003 + i)
-                records = _scored(chunk, replies, inputs.reward)
+                seed = inputs.seed * 1_000_003 + offset * 100_003 + i
+                replies, details = sampler.sample_with_details(chunk["prompt"], seed=seed)
+                records = _scored(chunk, replies, details, inputs.reward)
                 _append(path, records)
                 done[split] = i + 1
                 bar.update(1)
-                bar.set_postfix(
-                    reward=f"{sum(sum(r['scores']) for r in records) / (len(records) * cfg.num_samples):.3f}"
-                )
+                bar.set_postfix({k: f"{v:.3f}" for k, v in _sample_metrics(records, cfg.num_samples).items()})
                 stop = inputs.stop_requested()
                 if stop or (cfg.checkpoint_steps and sum(done.values()) % cfg.checkpoint_steps == 0):
                     save_checkpoint(inputs.folder, done)
@@ -152,18 +159,43 @@ def make_data(inputs: DataStageInputs) -> dict[str, float] | None:
     finally:
         bar.close()
         sampler.close()
-    return _write_pairs(out, cfg.min_gap, cfg.num_samples)
+    return _write_pairs(out, cfg.min_gap, cfg.num_samples, cfg.band)
 
 
-def _scored(chunk: dict[str, list], replies: list[list[str]], reward: Reward) -> list[dict]:
+def _scored(
+    chunk: dict[str, list], replies: list[list[str]], details: list[list[ReplyDetail]], reward: Reward
+) -> list[dict]:
     prompts = [last_turn_text(p) for p in chunk["prompt"] for _ in replies[0]]
     flat = reward(prompts, [r for group in replies for r in group])
     k = len(replies[0])
     tasks = chunk.get("task") or [None] * len(replies)
     return [
-        {"prompt": prompt, "task": task, "replies": group, "scores": flat[i * k : (i + 1) * k]}
-        for i, (prompt, task, group) in enumerate(zip(chunk["prompt"], tasks, replies, strict=True))
+        {
+            "prompt": prompt,
+            "task": task,
+            "replies": group,
+            "scores": flat[i * k : (i + 1) * k],
+            "cut": [d.cut for d in about],
+            "entropy": [d.entropy for d in about],
+        }
+        for i, (prompt, task, group, about) in enumerate(zip(chunk["prompt"], tasks, replies, details, strict=True))
     ]
+
+
+def _sample_metrics(samples: list[dict], k: int) -> dict[str, float]:
+    """What the sampled replies show: mean reward, the share of prompts whose replies all scored
+    alike (no signal for a pair or a GRPO group), the share cut at max_new_tokens, their entropy."""
+    metrics = {
+        "reward": sum(sum(s["scores"]) for s in samples) / max(len(samples) * k, 1),
+        "equal_rewards_share": sum(len(set(s["scores"])) == 1 for s in samples) / max(len(samples), 1),
+    }
+    cut = [c for s in samples for c in s.get("cut", [])]  # sample files written before these fields
+    entropy = [e for s in samples for e in s.get("entropy", []) if e is not None]
+    if cut:
+        metrics["clipped_ratio"] = sum(cut) / len(cut)
+    if entropy:
+        metrics["entropy"] = sum(entropy) / len(entropy)
+    return metrics
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -174,7 +206,7 @@ def _append(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _write_pairs(out: Path, min_gap: float, k: int) -> dict[str, float]:
+def _write_pairs(out: Path, min_gap: float, k: int, band: PassBand | None = None) -> dict[str, float]:
     """`train.jsonl` / `test.jsonl` from the scored samples, and what they hold."""
     metrics: dict[str, float] = {}
     for split in SPLITS:
@@ -182,23 +214,28 @@ def _write_pairs(out: Path, min_gap: float, k: int) -> dict[str, float]:
         if not path.exists():
             continue
         samples = [json.loads(line) for line in path.read_text().splitlines()]
-        pairs = [row for s in samples if (row := pair_row(s, min_gap)) is not None]
+        pairs = [row for s in samples if (row := pair_row(s, min_gap, band)) is not None]
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(row) + "\n" for row in pairs))
         tmp.replace(out / f"{split}.jsonl")
         prefix = "" if split == "train" else "eval_"
         metrics[f"{prefix}prompts"] = len(samples)
         metrics[f"{prefix}pairs"] = len(pairs)
-        metrics[f"{prefix}ties_skipped"] = len(samples) - len(pairs)
-        # prompts whose replies all scored alike: no signal for a pair (or a GRPO group)
-        metrics[f"{prefix}equal_rewards_share"] = sum(len(set(s["scores"])) == 1 for s in samples) / max(
-            len(samples), 1
-        )
-        metrics[f"{prefix}mean_reward"] = sum(sum(s["scores"]) for s in samples) / max(len(samples) * k, 1)
+        in_band = [s for s in samples if band is None or band.keeps(s["scores"])]
+        metrics[f"{prefix}ties_skipped"] = len(in_band) - len(pairs)
+        if band is not None:
+            metrics[f"{prefix}band/kept_share"] = len(in_band) / max(len(samples), 1)
+        for name, value in _sample_metrics(samples, k).items():
+            metrics[f"{prefix}{'mean_reward' if name == 'reward' else name}"] = value
         metrics[f"{prefix}best_of_k_reward"] = sum(max(s["scores"]) for s in samples) / max(len(samples), 1)
         for task in sorted({s["task"] for s in samples if s.get("task")}):
             mine = [s for s in samples if s.get("task") == task]
             metrics[f"{prefix}mean_reward/{task}"] = sum(sum(s["scores"]) for s in mine) / (len(mine) * k)
+    if not metrics.get("pairs") and band is not None:
+        raise DataError(
+            f"{out}: no prompt's pass rate over its {k} replies lies in band [{band.low}, {band.high}] "
+            f"(kept share {metrics.get('band/kept_share', 0):.2f}), so there is no pair to learn from; widen the band"
+        )
     if not metrics.get("pairs"):
         raise DataError(
             f"{out}: every prompt's {k} replies scored the same, so there is no pair to learn from; "

@@ -96,6 +96,11 @@ def test_onpolicy_pairs_then_dpo(tmp_path, cache_dir, user_rewards):
     samples = [json.loads(line) for line in (out / "pairs" / "pairs" / "samples-train.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in (out / "pairs" / "pairs" / "train.jsonl").read_text().splitlines()]
     assert len(samples) == 32 and all(len(s["replies"]) == 4 for s in samples)
+    # beside each reply: whether it was cut at max_new_tokens, and its entropy; the metrics average them
+    cut, entropy = [c for s in samples for c in s["cut"]], [e for s in samples for e in s["entropy"]]
+    assert len(cut) == len(entropy) == 128 and all(e > 0 for e in entropy)
+    assert pairs["metrics"]["clipped_ratio"] == pytest.approx(sum(cut) / 128)
+    assert pairs["metrics"]["entropy"] == pytest.approx(sum(entropy) / 128)
     # prompts whose non-empty replies are not all tied
     scored = [[x for r, x in zip(s["replies"], s["scores"], strict=True) if r] for s in samples]
     untied = [(s, xs) for s, xs in zip(samples, scored, strict=True) if xs and max(xs) > min(xs)]
