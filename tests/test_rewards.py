@@ -11,8 +11,8 @@ import pytest
 
 from posttrain.config import ConfigError
 from posttrain.data import formats
-from posttrain.data.formats import DataError
 from posttrain.data.builtin import TASKS, TaskSpec, generate, solve, task_of
+from posttrain.data.formats import DataError
 from posttrain.plan import load_config
 from posttrain.rewards import RewardError, builtin_partial_reward, builtin_reward, load_reward, load_rewards
 from posttrain.stages.band import BandConfig, PassBand, band_sampler, in_band, pass_rates

@@ -1,8 +1,9 @@
 """Prompts at the edge of competence (`<stage>.band`). GRPO: every `every` steps the current
 model answers a pool of prompts `samples` times each, and training samples only the prompts whose
 pass rate lies in [low, high]. pairs: a prompt gives a pair only when the pass rate of its
-`num_samples` replies lies in [low, high] (`PassBand`). A prompt every reply passes, or every reply fails, gives its group
-equal rewards and so no gradient (TRL logs the share of such groups as `frac_reward_zero_std`).
+`num_samples` replies lies in [low, high] (`PassBand`). A prompt every reply passes, or every
+reply fails, gives its group equal rewards and so no gradient (TRL logs the share of such groups
+as `frac_reward_zero_std`).
 
 Built around TRL's GRPOTrainer without changing its loop: `BandSampler` is its RepeatSampler
 drawing from the kept prompts, and `BandCallback` refreshes them and logs `band/kept_share`.
