@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain import hub
+from posttrain import hub, optim
 from posttrain.config import (
     ArchitectureConfig,
     Config,
@@ -28,6 +28,7 @@ from posttrain.config import (
     stage_peft,
 )
 from posttrain.models import TINY, compute_dtype
+from posttrain.optim import BF16_OPTIMIZERS
 
 # share of a GPU's memory the estimate may fill: the CUDA context, the allocator's fragmentation
 # and temporary buffers take the rest
@@ -159,6 +160,9 @@ class Holding:
     weight_bytes: float  # per trained parameter as the model holds it; its gradient the same
     frozen_bytes: float  # per frozen parameter
     what: str
+    # per trained parameter, the optimizer's states without ZeRO; None: torch AdamW's two moments
+    # in the weights' dtype (2 x weight_bytes)
+    state_bytes: float | None = None
 
 
 def precision(dtype: str, on_gpu: bool) -> tuple[int, str]:
@@ -204,6 +208,9 @@ def stage_holding(
     if method == "none":
         if deepspeed:
             return Holding(total, 0, size, 0.0, f"{name} weights and gradients, DeepSpeed's fp32 copy and Adam")
+        if stage.optimizer in BF16_OPTIMIZERS:  # bf16 whatever the device: the optimizer's own
+            states = optim.state_bytes(stage.optimizer)
+            return Holding(total, 0, 2, 0.0, f"bf16 weights, gradients, {stage.optimizer} ({states} B)", states)
         if cfg.model.dtype == "bfloat16":
             return Holding(total, 0, 2, 0.0, "bf16 weights, gradients, Adam")
         return Holding(total, 0, 4, 0.0, "fp32 weights, gradients, Adam")
@@ -218,8 +225,10 @@ def model_states(ds: DeepSpeedConfig, hold: Holding, gpus: int, nodes: int) -> t
 
     N trained parameters of b bytes, F frozen ones of f bytes, w processes (bench/memory.py
     measures each on 2 fp32 CPU workers):
-      no ZeRO  f F + (4 b + b when w > 1) N: torch's AdamW keeps its moments in the weights' dtype;
-               DDP's buckets copy the gradients (measured: 20 bytes per fp32 parameter, not 16)
+      no ZeRO  f F + (2 b + s + b when w > 1) N: weights, gradients, the optimizer's states s
+               (torch's AdamW: its moments in the weights' dtype, s = 2 b; a BF16 optimizer's from
+               posttrain/optim.py); DDP's buckets copy the gradients (measured: 20 bytes per fp32
+               parameter, not 16)
       ZeRO-1/2 f F + b N + (b + 16) N / w: the weights whole, gradients and DeepSpeed's fp32 copy
                and Adam partitioned (ZeRO-1 measured within 6% of ZeRO-2 in DeepSpeed 0.19: its
                gradients are reduced into partitions too)
@@ -234,7 +243,8 @@ def model_states(ds: DeepSpeedConfig, hold: Holding, gpus: int, nodes: int) -> t
     n, f, b, frozen = hold.trained, hold.frozen_bytes, hold.weight_bytes, hold.frozen
     world = gpus * nodes
     if ds.stage is None:
-        return f * frozen + (4 * b + (b if world > 1 else 0)) * n, 0.0
+        states = 2 * b if hold.state_bytes is None else hold.state_bytes
+        return f * frozen + (2 * b + states + (b if world > 1 else 0)) * n, 0.0
     gradients, optimizer, cpu = b * n / world, ZERO_OPTIMIZER * n / world, 0.0  # partitioned
     if ds.offload_optimizer:  # gradients reduced into CPU memory: ZERO_OPTIMIZER's fp32 ones
         cpu, gradients, optimizer = gpus * OFFLOAD_BUFFER * optimizer, 0.0, 0.0

@@ -40,6 +40,7 @@ from posttrain.data.formats import DataError
 from posttrain.data.load import check_source
 from posttrain.errors import ConfigError, require, unknown_key
 from posttrain.launch import read_hostfile
+from posttrain.optim import BF16_OPTIMIZERS
 from posttrain.rewards import check_reward_spec, import_function, reward_specs
 from posttrain.stage_cache import StageIndex, place_stage
 from posttrain.stages import STAGES, load_plugins
@@ -184,6 +185,7 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
         stage = build(STAGES[method].config_cls, section, name)
         stage.validate(name)
         check_trainer_args(STAGES[method], stage, name)
+        check_speed_options(name, stage, built["model"], built["peft"], built["deepspeed"])
         if STAGES[method].data_kind != "preference":
             for bound in ("min_reward_accuracy", "min_reward_margin"):
                 require(getattr(stage.gate, bound) is None, f"{name}.gate.{bound}", f"{method} has no rewards")
@@ -211,6 +213,47 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
     if on_launch_node:
         check_distributed(cfg)
     return cfg
+
+
+def check_speed_options(
+    name: str, stage: StageConfig, model: ModelConfig, peft: PeftConfig, ds: DeepSpeedConfig
+) -> None:
+    """padding_free, optimizer, compile and liger where they cannot work, as one line each."""
+    spec = STAGES[stage.method]
+    if stage.padding_free:
+        able = ", ".join(m for m, s in STAGES.items() if s.padding_free)
+        require(
+            spec.padding_free,
+            f"{name}.padding_free",
+            f"{stage.method} has no padding-free path; methods with one: {able}",
+        )
+    if stage.optimizer in BF16_OPTIMIZERS:
+        key = f"{name}.optimizer"
+        require(spec.make_trainer is not None, key, f"{stage.method} trains nothing; leave it at adamw")
+        require(
+            stage_peft(stage, peft) == "none",
+            key,
+            f"{stage.optimizer} is for full fine-tunes; LoRA trains small fp32 adapters: use adamw",
+        )
+        require(
+            ds.stage is None,
+            key,
+            f"{stage.optimizer} needs deepspeed=none (DeepSpeed keeps its own fp32 copy and Adam)",
+        )
+        require(
+            model.dtype in ("auto", "bfloat16"),
+            key,
+            f"{stage.optimizer} trains bf16 weights; model.dtype={model.dtype} asks for others (use auto or bfloat16)",
+        )
+    if stage.liger:
+        require(
+            importlib.util.find_spec("liger_kernel") is not None,
+            f"{name}.liger",
+            "liger-kernel is not installed: pip install liger-kernel (its kernels need a CUDA GPU)",
+        )
+        require(gpu_devices_present(), f"{name}.liger", "Liger's Triton kernels need a CUDA GPU; this machine has none")
+    if stage.compile:
+        require(spec.make_trainer is not None, f"{name}.compile", f"{stage.method} trains nothing; leave it false")
 
 
 def check_distributed(cfg: Config) -> None:
