@@ -593,6 +593,8 @@ class Config:
     sweep: SweepConfig
     # stage name -> its config, in chain order; stages whose method is `none` are left out
     stages: dict[str, StageConfig]
+    # stage name -> why `per_device_train_batch_size: auto` chose its number (for the plan)
+    auto_batches: dict[str, str] = field(default_factory=dict)
 
 
 # --- batches and processes --------------------------------------------------------------

@@ -208,11 +208,29 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
         "sweep.objective",
         f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
     )
-    resolve_batches(stages, planned_world_size(built["launcher"]))
     cfg = Config(stages=stages, **built)
+    resolve_auto_batches(cfg)
+    resolve_batches(stages, planned_world_size(built["launcher"]))
     if on_launch_node:
         check_distributed(cfg)
     return cfg
+
+
+def resolve_auto_batches(cfg: Config, capacity: float | None = None) -> None:
+    """Put a number in every `per_device_train_batch_size: auto` (memory.auto_micro_batch), for
+    this machine's device (a GPU, else the RAM of its CPU workers) or `capacity` bytes."""
+    world = planned_world_size(cfg.launcher)
+    auto = [name for name, stage in cfg.stages.items() if stage.per_device_train_batch_size == "auto"]
+    on_gpu = True
+    if auto and capacity is None:
+        capacity, on_gpu = memory.device_memory(processes_per_node(cfg.launcher))
+    for name in auto:
+        stage, spec = cfg.stages[name], STAGES[cfg.stages[name].method]
+        key = f"{name}.per_device_train_batch_size"
+        require(spec.make_trainer is not None, key, f"auto: {stage.method} trains nothing; give a number")
+        micro, why = memory.auto_micro_batch(name, stage, cfg, spec.data_kind, capacity, world, on_gpu)
+        stage.per_device_train_batch_size = micro
+        cfg.auto_batches[name] = why
 
 
 def check_speed_options(
@@ -391,6 +409,13 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
                 f"batch {micro} x {accum} accumulation x {world} processes = {global_batch(stage, world)} per step, "
                 f"{length}"
             )
+            if name in cfg.auto_batches:
+                lines.append(f"    micro-batch auto: {cfg.auto_batches[name]}")
+            if stage.padding_free and cfg.model.attn_implementation not in ("flash_attention_2", "flash_attention_3"):
+                lines.append(
+                    f"    padding-free under {cfg.model.attn_implementation}: one block-diagonal mask over the whole "
+                    "packed row (attention quadratic in its length); flash_attention_2 runs it variable-length"
+                )
             if stage.activation_checkpointing == "auto" and memory.gpu_memory() is not None:
                 on, why = memory.activation_checkpointing(stage, cfg, spec.data_kind, local_only=world == 1)
                 lines.append(f"    activation checkpointing: {'on' if on else 'off'} ({why})")
