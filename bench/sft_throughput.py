@@ -21,6 +21,7 @@ posttrain's own batches, nothing else. Tokens are real (non-padding) tokens; the
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
     from posttrain import models
     from posttrain.cli import compose_tree
     from posttrain.plan import load_config
+    from posttrain.stage_run import trained_dtype, use_stage_optimizer
     from posttrain.stages import STAGES
     from posttrain.stages.base import TrainerInputs, training_args
 
@@ -108,12 +110,14 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
         "include_num_input_tokens_seen": "non_padding",
         "disable_tqdm": True,
     }
-    model = models.load_model(str(model_dir), cfg.model, trained=True)
+    model = models.load_model(str(model_dir), cfg.model, dtype=trained_dtype(stage, cfg))
     inputs = TrainerInputs(
         cfg=stage, model=model, ref_model=None, tokenizer=tokenizer,
         train_dataset=Dataset.from_list(rows), eval_dataset=None, args=train_args, peft_config=None,
     )  # fmt: skip
-    return STAGES["sft"].make_trainer(inputs), cfg
+    trainer = STAGES["sft"].make_trainer(inputs)
+    use_stage_optimizer(trainer, stage, train_args)
+    return trainer, cfg
 
 
 def trl_default_trainer(model_dir: Path, rows, args, out: Path):
@@ -167,26 +171,40 @@ def peak_memory_gib() -> float | None:
 
 
 def reset_peak() -> None:
+    import gc
+
     import torch
 
+    gc.collect()  # the previous run's trainer, model and optimizer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
-def raw_loop(model_dir: Path, trainer, args, dtype_name: str) -> float:
-    """tokens/s of forward/backward/clip/AdamW on the batches posttrain's trainer would feed."""
+def raw_loop(model_dir: Path, batches: list, checkpointing: bool, args, cfg) -> float:
+    """tokens/s of forward/backward/clip/AdamW on the batches posttrain's trainer would feed, in the
+    precision posttrain picks (fp32 weights and bf16 autocast on a GPU with bf16 units; bf16
+    weights and posttrain's bf16 AdamW under a bf16 `optimizer`), activation checkpointing as posttrain's."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from posttrain import models
+    from posttrain import models, optim
+    from posttrain.stage_run import trained_dtype
 
-    # the precision posttrain picks: fp32 weights, bf16 autocast on a GPU with bf16 units
-    dtype, compute = models.weights_dtype(dtype_name, trained=True), models.compute_dtype(dtype_name)
+    stage = cfg.stages["sft"]
+    dtype, compute = trained_dtype(stage, cfg), models.compute_dtype(cfg.model.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    batches = iter(trainer.get_train_dataloader())
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation
+    ).to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    if stage.optimizer in optim.BF16_OPTIMIZERS:
+        cls, kwargs = optim.optimizer_cls_and_kwargs(stage.optimizer, {"learning_rate": 1e-4})
+        optimizer = cls(model.parameters(), **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    batches = iter(batches)
     tokens, start = 0, None
     for step in range(args.steps + args.warmup):
         batch = {k: v.to(device) for k, v in next(batches).items() if k in ("input_ids", "attention_mask", "labels")}
@@ -260,10 +278,17 @@ def main() -> None:
         # the raw loop runs before and after posttrain (the mean counts): a machine that speeds up
         # or slows down during the benchmark favours neither
         raw_runs = []
+        # the batches posttrain's trainer feeds, for the raw loop (taken before it trains, then freed)
+        batches = list(itertools.islice(trainer.get_train_dataloader(), args.steps + args.warmup))
+        checkpointing = bool(trainer.args.activation_checkpointing)
         if "raw" in runs:
+            device = trainer.model.device
+            trainer.model.to("cpu")  # the GPU holds one model at a time (an 8B model's states fill it)
             reset_peak()
-            raw_runs.append(raw_loop(model_dir, trainer, args, cfg.model.dtype))
+            raw_runs.append(raw_loop(model_dir, batches, checkpointing, args, cfg))
             peaks["raw PyTorch loop"] = peak_memory_gib()
+            print(f"[bench] raw PyTorch loop: {raw_runs[-1]:.0f} tokens/s", flush=True)
+            trainer.model.to(device)
         name = f"posttrain {' '.join(args.set) or 'default'}"
         if "posttrain" in runs:
             reset_peak()
@@ -271,17 +296,20 @@ def main() -> None:
             trainer.add_callback(clock_cb)
             trainer.train()
             results[name], losses[name], peaks[name] = clock_cb.tokens_per_s(), first_losses(trainer), peak_memory_gib()
+            notes[name] = (
+                f"micro-batch {trainer.args.per_device_train_batch_size} x {trainer.args.gradient_accumulation_steps}, "
+                f"checkpointing={trainer.args.activation_checkpointing}, optimizer={cfg.stages['sft'].optimizer}"
+            )
+            print(f"[bench] {name}: {results[name]:.0f} tokens/s, peak {peaks[name]} GiB, {notes[name]}", flush=True)
         config, parameters = trainer.model.config, sum(p.numel() for p in trainer.model.parameters())
         if args.profile:
             profile_posttrain(posttrain_trainer(model_dir, rows, args, folder / "profiled")[0])
+        del trainer
         if "raw" in runs:
-            dataloader_source = trainer
-            del trainer
-            raw_runs.append(raw_loop(model_dir, dataloader_source, args, cfg.model.dtype))
+            reset_peak()
+            raw_runs.append(raw_loop(model_dir, batches, checkpointing, args, cfg))
             results["raw PyTorch loop"] = sum(raw_runs) / len(raw_runs)
-            del dataloader_source
-        else:
-            del trainer
+            print(f"[bench] raw PyTorch loop: {raw_runs[-1]:.0f} tokens/s", flush=True)
         if "trl_tuned" in runs:
             reset_peak()
             trl, notes["TRL tuned"] = trl_tuned_trainer(model_dir, rows, args, folder / "trl-tuned")
@@ -291,6 +319,7 @@ def main() -> None:
             results["TRL tuned"], losses["TRL tuned"], peaks["TRL tuned"] = (
                 clock_cb.tokens_per_s(), first_losses(trl), peak_memory_gib()
             )  # fmt: skip
+            print(f"[bench] TRL tuned: {results['TRL tuned']:.0f} tokens/s, peak {peaks['TRL tuned']} GiB", flush=True)
             del trl
         if "trl_default" in runs:
             reset_peak()

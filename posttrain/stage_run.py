@@ -97,6 +97,13 @@ def trained_dtype(stage: StageConfig, cfg: Config) -> torch.dtype:
     return models.weights_dtype(cfg.model.dtype, trains_loaded_weights(stage, cfg))
 
 
+def use_stage_optimizer(trainer, stage: StageConfig, args: dict[str, Any]) -> None:
+    """A BF16 optimizer (posttrain/optim.py) for the trainer to build, with its parameter groups,
+    scheduler and checkpoints; `adamw` leaves the trainer's own."""
+    if stage.optimizer in BF16_OPTIMIZERS:
+        trainer.optimizer_cls_and_kwargs = optim.optimizer_cls_and_kwargs(stage.optimizer, args)
+
+
 def saved_dtype(stage: StageConfig, cfg: Config) -> torch.dtype | None:
     """The dtype fp32 master weights are evaluated and saved in: the one they computed in (bf16 on
     a GPU with bf16 units), as a bf16 trainer would save them (half the disk; the dtype hub models
@@ -161,8 +168,7 @@ def train_stage(
             reward=stage_reward(run, cfg, tokenizer) if spec.uses_reward else None,
         )
     )
-    if run.stage.optimizer in BF16_OPTIMIZERS:  # the trainer builds it (parameter groups, scheduler, checkpoints)
-        trainer.optimizer_cls_and_kwargs = optim.optimizer_cls_and_kwargs(run.stage.optimizer, args)
+    use_stage_optimizer(trainer, run.stage, args)
     use_stage_progress_bar(trainer, run.name)
     if cfg.run.rank_logs:
         distributed.rank_logger(trainer, run.folder, rss_before_model)
