@@ -110,8 +110,8 @@ class PackedForward:
         self.model, self.inputs = model, inputs
 
     def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
-        if not fused_lm_head:
-            raise RuntimeError("a padding-free batch is scored through the fused LM head only")
+        if not fused_lm_head:  # TRL's logits for compute_metrics: the padded view, as TRL passes it
+            return self.model(*args, **kwargs)
         packed = {k: v for k, v in self.inputs.items() if k not in PACKED_ONLY}
         extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
         outputs = self.model(**packed, **extra, use_cache=False, labels=packed_labels(self.inputs), fused_lm_head=True)
