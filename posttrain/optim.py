@@ -39,6 +39,8 @@ OPTIMIZERS = ("adamw", *BF16_OPTIMIZERS)
 # (both bf16): exp_avg and exp_avg_sq in bf16, plus the Kahan buffer
 MOMENT_BYTES = 2 + 2
 COMPENSATION_BYTES = {"kahan": 2, "stochastic": 0}
+# elements updated at once: bounds the step's fp32 temporaries (~10 of them) to ~0.6 GB
+CHUNK = 1 << 24
 
 
 def state_bytes(name: str) -> int:
@@ -71,7 +73,7 @@ def stochastic_round_(target, value, generator=None) -> None:
     result is `value` (bf16 keeps the top 16 bits of an fp32: add uniform noise below them, cut)."""
     import torch
 
-    bits = value.view(torch.int32)
+    bits = value.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
     rounded = (bits + noise) & -65536  # 0xFFFF0000: clear the 16 bits bf16 drops
     target.copy_(rounded.view(torch.float32))
@@ -99,7 +101,6 @@ def _adamw_bf16() -> type:
                 with torch.enable_grad():
                     loss = closure()
             for group in self.param_groups:
-                beta1, beta2 = group["betas"]
                 for p in group["params"]:
                     if p.grad is None:
                         continue
@@ -108,31 +109,43 @@ def _adamw_bf16() -> type:
                     state = self.state[p]
                     if not state:
                         state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        if group["compensation"] == "kahan":
-                            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        names = ("exp_avg", "exp_avg_sq") + (
+                            ("compensation",) if group["compensation"] == "kahan" else ()
+                        )
+                        for name in names:
+                            state[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["step"] += 1
-                    step = state["step"].item()
-                    grad = p.grad.float()
-                    exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                    exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    stochastic_round_(state["exp_avg"], exp_avg)
-                    stochastic_round_(state["exp_avg_sq"], exp_avg_sq)
-                    step_size = group["lr"] / (1 - beta1**step)
-                    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
-                    weight = p.float()
-                    update = exp_avg.div_(denom).mul_(-step_size)
-                    if group["weight_decay"]:
-                        update.add_(weight, alpha=-group["lr"] * group["weight_decay"])
-                    if group["compensation"] == "kahan":
-                        buffer = state["compensation"]
-                        update.add_(buffer.float())
-                        p.add_(update)  # rounds to bf16
-                        buffer.copy_(update.sub_(p.float().sub_(weight)))  # what the rounding lost
+                    tensors = [p, p.grad, *(state[n] for n in ("exp_avg", "exp_avg_sq", "compensation") if n in state)]
+                    if all(t.is_contiguous() for t in tensors):
+                        # in slices: the fp32 temporaries of an 8B model's embedding would take ~15 GB
+                        slices = zip(*(t.view(-1).split(CHUNK) for t in tensors), strict=True)
                     else:
-                        stochastic_round_(p, weight.add_(update))
+                        slices = [tensors]
+                    for part in slices:
+                        self._update(group, state["step"].item(), *part)
             return loss
+
+        @staticmethod
+        def _update(group, step, p, grad, exp_avg, exp_avg_sq, compensation=None) -> None:
+            beta1, beta2 = group["betas"]
+            grad = grad.float()
+            m = exp_avg.float().lerp_(grad, 1 - beta1)
+            v = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            del grad
+            stochastic_round_(exp_avg, m)
+            stochastic_round_(exp_avg_sq, v)
+            denom = v.div_(1 - beta2**step).sqrt_().add_(group["eps"])
+            update = m.div_(denom).mul_(-group["lr"] / (1 - beta1**step))
+            del denom, v
+            weight = p.float()
+            if group["weight_decay"]:
+                update.add_(weight, alpha=-group["lr"] * group["weight_decay"])
+            if compensation is not None:
+                update.add_(compensation.float())
+                p.add_(update)  # rounds to bf16
+                compensation.copy_(update.sub_(p.float().sub_(weight)))  # what the rounding lost
+            else:
+                stochastic_round_(p, weight.add_(update))
 
     return AdamWBF16
 

@@ -3,6 +3,8 @@ it tracks fp32 AdamW, and the states it really holds are the bytes the memory pl
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -141,3 +143,35 @@ def test_the_plan_counts_the_states_the_optimizer_holds(name):
     hold = memory.stage_holding(stage, cfg, None, 10**9, on_gpu=True)
     per_gpu, _ = memory.model_states(cfg.deepspeed, hold, 1, 1)
     assert per_gpu / 1e9 == 2 + 2 + optim.state_bytes(name) == {"adamw_kahan_bf16": 10, "adamw_sr_bf16": 8}[name]
+
+
+def test_a_step_in_slices_equals_a_step_whole(monkeypatch):
+    # equal up to the moments' stochastic rounding (the slices draw their noise separately)
+    weights, grads = problem()
+    start = weights.bfloat16().float()
+    whole = train(weights, grads, torch.bfloat16, bf16_adamw("kahan"))
+    monkeypatch.setattr(optim, "CHUNK", 1000)  # 4096 weights: slices of 1000, 1000, 1000, 1000, 96
+    sliced = train(weights, grads, torch.bfloat16, bf16_adamw("kahan"))
+    assert (sliced - whole).abs().mean() < 0.1 * (whole - start).abs().mean()
+
+
+def test_a_resumed_optimizer_continues_as_the_uninterrupted_one():
+    weights, grads = problem()
+    p = torch.nn.Parameter(weights.bfloat16().clone())
+    opt = optim.AdamWBF16([p], lr=LR, compensation="kahan")
+    for g in grads[:10]:
+        p.grad = g.bfloat16()
+        opt.step()
+    # a checkpoint: weights, the optimizer's state, and the RNG (the stochastic rounding draws from it)
+    saved_weights, saved_state, saved_rng = p.detach().clone(), copy.deepcopy(opt.state_dict()), torch.get_rng_state()
+    for g in grads[10:20]:
+        p.grad = g.bfloat16()
+        opt.step()
+    q = torch.nn.Parameter(saved_weights)
+    resumed = optim.AdamWBF16([q], lr=LR, compensation="kahan")
+    resumed.load_state_dict(saved_state)
+    torch.set_rng_state(saved_rng)
+    for g in grads[10:20]:
+        q.grad = g.bfloat16()
+        resumed.step()
+    assert torch.equal(p, q)
