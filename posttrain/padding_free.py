@@ -19,6 +19,10 @@ the padded layout [2B, L-1] TRL's loss reads, and hands them to TRL's own `_comp
 `compute_ref_log_probs` through a stand-in model: every loss type, metric and the precomputed
 reference stay TRL's code. A reference computed at every step (precompute_ref_log_probs=false)
 runs padded, on the padded view of the same rows.
+
+TRL's experimental ORPO and CPO (SimPO) trainers collate and pad their own batches and read the
+full logits: for them `unpadded_trainer` packs each padded batch inside the forward instead
+(UnpaddedForward), so the transformer still computes no padding.
 """
 
 from __future__ import annotations
@@ -116,6 +120,39 @@ class PackedForward:
         extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
         outputs = self.model(**packed, **extra, use_cache=False, labels=packed_labels(self.inputs), fused_lm_head=True)
         return unpack_outputs(outputs, self.inputs["seq_lengths"])
+
+
+class UnpaddedForward:
+    """For TRL's experimental ORPO and CPO/SimPO trainers, which run the model on a padded batch of
+    chosen and rejected rows and read its full logits: the model runs on the real tokens packed into
+    one row (positions restarting per row), and the logits come back in the padded layout, zero at
+    padding (where the labels are -100). The transformer computes no padding; the logits tensor
+    keeps its padded shape, as those trainers take it."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None or bool(attention_mask.all()):
+            return self.model(input_ids, attention_mask=attention_mask, **kwargs)
+        batch = pack({"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": attention_mask})
+        packed = {k: v for k, v in batch.items() if k not in ("completion_mask", "seq_lengths")}
+        outputs = self.model(**packed, **kwargs)
+        mask = attention_mask.bool()[..., None].expand(*input_ids.shape, outputs.logits.size(-1))
+        outputs.logits = outputs.logits.new_zeros(mask.shape).masked_scatter(mask, outputs.logits[0])
+        return outputs
+
+
+def unpadded_trainer(trainer_cls: type) -> type:
+    """`trainer_cls` (TRL's experimental ORPOTrainer or CPOTrainer) whose concatenated chosen and
+    rejected forward runs padding-free (UnpaddedForward)."""
+
+    class PaddingFreeTrainer(trainer_cls):
+        def concatenated_forward(self, model, batch):
+            return super().concatenated_forward(UnpaddedForward(model), batch)
+
+    PaddingFreeTrainer.__name__ = f"PaddingFree{trainer_cls.__name__}"
+    return PaddingFreeTrainer
 
 
 def padding_free_trainer(trainer_cls: type) -> type:

@@ -139,3 +139,38 @@ def test_dpo_padding_free_equals_padded_per_example(tmp_path, attn):
     assert_close_gradients(gradients(loss_packed, model), gradients(loss_padded, model))
     for key in ("rewards/margins", "logps/chosen", "logps/rejected", "mean_token_accuracy", "entropy"):
         assert abs(metrics_packed[key] - metrics_padded[key]) < 1e-4, key
+
+
+@pytest.mark.parametrize("method", ["orpo", "cpo", "simpo"])
+def test_orpo_cpo_simpo_padding_free_equal_padded_per_example(tmp_path, method):
+    """TRL's experimental trainers pad their own batches: the forward packs them (UnpaddedForward).
+    Each pair's log-probs, the NLL term, the trainer's loss and its gradients equal the padded run's."""
+    tokenizer, model = tiny(tmp_path, "sdpa")
+    trainer = make_trainer(method, {}, tokenizer, model, [pair(i) for i in range(4)], tmp_path)
+    assert type(trainer).__name__.startswith("PaddingFree")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.train()
+    parent = type(trainer).__mro__[1]  # TRL's own trainer class
+    packed = trainer.concatenated_forward(model, batch)
+    padded = parent.concatenated_forward(trainer, model, batch)
+    attention = parent.concatenated_inputs(batch)["concatenated_attention_mask"]
+    assert not attention.all()  # the padded batch pads: there is something to leave out
+    for i in (0, 1):  # chosen and rejected log-probs, per pair
+        assert (packed[i] - padded[i]).abs().max() < TOLERANCE
+        for row in range(packed[i].shape[0]):
+            assert_close_gradients(gradients(packed[i][row], model), gradients(padded[i][row], model))
+    assert abs(packed[4].item() - padded[4].item()) < TOLERANCE  # the NLL term
+    loss_packed, _ = trainer.get_batch_loss_metrics(model, batch)
+    loss_padded = padded_loss(trainer, parent, model, batch)
+    assert abs(loss_packed.item() - loss_padded.item()) < TOLERANCE
+    assert_close_gradients(gradients(loss_packed, model), gradients(loss_padded, model))
+
+
+def padded_loss(trainer, parent, model, batch):
+    """The trainer's loss with TRL's own (padded) concatenated forward."""
+    own = trainer.concatenated_forward
+    trainer.concatenated_forward = lambda m, b: parent.concatenated_forward(trainer, m, b)
+    try:
+        return parent.get_batch_loss_metrics(trainer, model, batch)[0]
+    finally:
+        trainer.concatenated_forward = own
