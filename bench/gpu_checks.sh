@@ -39,7 +39,7 @@ if [ "$what" = deepspeed ]; then
   exit 0
 fi
 if [ "$what" = speed ]; then
-  # every step has its own timeout; their sum (455 s) keeps the mode under 8 minutes
+  # every step has its own timeout; their sum (460 s) keeps the mode under 8 minutes
   flash=$(python3 -c "import importlib.util as u; print('flash_attention_2' if u.find_spec('flash_attn') else 'sdpa')")
   echo "attention for padding-free: $flash; liger: $(python3 -c "import importlib.util as u; print(bool(u.find_spec('liger_kernel')))")" \
     | tee "$out/speed.txt"
@@ -53,20 +53,20 @@ if [ "$what" = speed ]; then
   keep='^\[bench\]|^\||^posttrain:|Error|error:|Traceback|out of memory'
   cd bench
   # 1B, seq 4096, bf16 autocast with fp32 master weights: posttrain, the raw loop (before and after), TRL tuned
-  timeout 150 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 4 --steps 30 --warmup 3 --budget 15 \
+  timeout 140 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 4 --steps 30 --warmup 3 --budget 15 \
     --runs posttrain,raw,trl_tuned 2>&1 | grep -E "$keep" | tee "$out/speed_1b.log"
   # padding-free (flash-attention's varlen kernels when installed) with the micro-batch auto picks for 16 rows
-  timeout 50 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 16 --steps 6 --warmup 1 --budget 10 \
+  timeout 45 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 16 --steps 6 --warmup 1 --budget 10 \
     --runs posttrain --set sft.padding_free=true --set model.attn_implementation=$flash \
     --set sft.per_device_train_batch_size=auto --set sft.global_batch_size=16 2>&1 | grep -E "$keep" \
     | tee "$out/speed_1b_padding_free_auto.log"
   # bf16 weights with Kahan-compensated AdamW: its peak beside the default's (speed_1b.log)
-  timeout 50 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 4 --steps 20 --warmup 2 --budget 10 \
+  timeout 45 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 4 --steps 20 --warmup 2 --budget 10 \
     --runs posttrain --set sft.optimizer=adamw_kahan_bf16 2>&1 | grep -E "$keep" | tee "$out/speed_1b_kahan.log"
   # 8B, seq 4096, one sequence per micro-batch: bf16 stochastic-rounding AdamW (8 bytes per parameter)
   # and activation checkpointing as auto decides; the raw loop the same; TRL tuned with bf16 weights
   # (its AdamW keeps bf16 moments) and activation checkpointing
-  timeout 190 python3 sft_throughput.py --size llama3_1_8b --seq 4096 --batch 1 --steps 20 --warmup 2 --budget 12 \
+  timeout 185 python3 sft_throughput.py --size llama3_1_8b --seq 4096 --batch 1 --steps 20 --warmup 2 --budget 12 \
     --runs posttrain,raw,trl_tuned --trl-checkpointing --set sft.optimizer=adamw_sr_bf16 2>&1 | grep -E "$keep" \
     | tee "$out/speed_8b.log"
   cd ..
