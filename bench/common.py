@@ -36,26 +36,53 @@ SIZES = {
 }
 # Qwen2.5-0.5B's layers, 6 of them, and a 32k vocabulary: 119M parameters (bench/memory.py)
 SIZES["qwen0.5b-6l"] = {**SIZES["qwen0.5b"], "num_hidden_layers": 6, "vocab_size": 32768}
+MODEL_REGISTRY = Path(__file__).resolve().parents[1] / "conf" / "model"
+REGISTRY_NAMES = [p.stem for p in sorted(MODEL_REGISTRY.glob("*.yaml")) if p.stem != "tiny"]
+SIZE_HELP = f"{', '.join(SIZES)}, or a registry model's shape: {', '.join(REGISTRY_NAMES)}"
+
+
+def registry_shape(size: str) -> dict | None:
+    """`model.architecture` of conf/model/<size>.yaml (its config.json's numbers), or None."""
+    import yaml
+
+    path = MODEL_REGISTRY / f"{size}.yaml"
+    if not path.is_file():
+        return None
+    shape = yaml.safe_load(path.read_text()).get("architecture")
+    return {k: v for k, v in shape.items() if v is not None} if shape else None
 
 
 def build_model(size: str, folder: Path, seq: int) -> Path:
-    """A random-init Llama of `size` with the built-in tokenizer (vocab padded to the size's)."""
+    """A random-init model of `size` with the built-in tokenizer (its few hundred tokens; the
+    embedding has the size's vocabulary): a Llama of SIZES, or a registry model's shape built
+    with its own model_type (on a GPU in bf16, so an 8B model builds in seconds), saved locally."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from posttrain import models
     from posttrain.config import ModelConfig
 
     tokenizer = models.load_tokenizer(models.base_model_source(ModelConfig(), folder / "cache"), ModelConfig())
-    fields = {"vocab_size": len(tokenizer), "tie_word_embeddings": True, **SIZES[size]}
-    config = LlamaConfig(
-        **fields, max_position_embeddings=max(seq, 256), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
+    shape = registry_shape(size)
+    if shape is None and size not in SIZES:
+        raise SystemExit(f"--size {size!r}: not one of {SIZE_HELP}")
+    if shape is None:
+        shape = {"model_type": "llama", "vocab_size": len(tokenizer), "tie_word_embeddings": True, **SIZES[size]}
+    model_type = shape.pop("model_type")
+    shape["max_position_embeddings"] = max(seq, 256, shape.get("max_position_embeddings", 0))
+    config = AutoConfig.for_model(
+        model_type, **shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None
+    )
     torch.manual_seed(0)
-    out = folder / f"llama-{size}"
-    LlamaForCausalLM(config).save_pretrained(out)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
+    out = folder / f"model-{size}"
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 

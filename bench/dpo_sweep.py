@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_model, conversations, report
+from common import SIZE_HELP, build_model, conversations, report
 
 
 def pairs(n: int, max_tokens: int) -> list[dict]:
@@ -79,7 +79,7 @@ def trl_point(model_dir: Path, rows, beta: float, args, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="20m", help="tiny, 20m, qwen0.5b")
+    parser.add_argument("--size", default="20m", help=SIZE_HELP)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU path in one go (bf16, sdpa on CUDA, throughput and MFU, the default recipe end to end).
-#   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft|deepspeed]
+#   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft|deepspeed|speed]
 #   (peft: QLoRA and LoRA hand-off on CUDA only, and both under ZeRO-3; deepspeed: the default recipe under ZeRO-3
-#   through the deepspeed launcher, beside the same recipe in one plain process)
+#   through the deepspeed launcher, beside the same recipe in one plain process; speed: issue 23 on one
+#   H100/H200 in under 8 minutes: SFT at Llama-3.2-1B's shape, seq 4096, bf16 (MFU, posttrain vs the raw
+#   loop vs TRL tuned for the device), padding-free with the auto micro-batch, the Kahan optimizer's
+#   memory, and Llama-3.1-8B's shape full fine-tuned with bf16 stochastic-rounding AdamW)
 # On a GPU machine with no package index: carry wheels of what it lacks in .whl/ (trl, datasets,
 # hydra-core, omegaconf, antlr4-python3-runtime, transformers, dill, multiprocess; for peft:
 # peft, bitsandbytes, pytest, pluggy, iniconfig; for deepspeed: its sdist and hjson, ninja,
@@ -33,6 +36,41 @@ if [ "$what" = deepspeed ]; then
     cp "/tmp/ds-$name/summary.json" "$out/summary-$name.json" 2>/dev/null
     cp "/tmp/ds-$name/launch/deepspeed-sft.json" "$out/deepspeed-sft-$name.json" 2>/dev/null
   done
+  exit 0
+fi
+if [ "$what" = speed ]; then
+  # every step has its own timeout; their sum (460 s) keeps the mode under 8 minutes
+  flash=$(python3 -c "import importlib.util as u; print('flash_attention_2' if u.find_spec('flash_attn') else 'sdpa')")
+  echo "attention for padding-free: $flash; liger: $(python3 -c "import importlib.util as u; print(bool(u.find_spec('liger_kernel')))")" \
+    | tee "$out/speed.txt"
+  # what the plan says: the auto micro-batch at 1B, the bytes per parameter of each optimizer at 8B
+  for plan in "model=llama3_2_1b sft.per_device_train_batch_size=auto sft.global_batch_size=16 sft.max_length=4096" \
+    "model=llama3_1_8b sft.optimizer=adamw_kahan_bf16" "model=llama3_1_8b sft.optimizer=adamw_sr_bf16"; do
+    timeout 15 python3 -m posttrain.cli plan=true align=none $plan run.output_dir=/tmp/speed-plan 2>&1 \
+      | grep -E "memory:|micro-batch|activation|error" | tee -a "$out/speed.txt"
+  done
+  # each run's line as it finishes (a timeout still leaves them), the table, errors
+  keep='^\[bench\]|^\||^posttrain:|Error|error:|Traceback|out of memory'
+  cd bench
+  # 1B, seq 4096, bf16 autocast with fp32 master weights: posttrain, the raw loop (before and after), TRL tuned
+  timeout 140 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 4 --steps 30 --warmup 3 --budget 15 \
+    --runs posttrain,raw,trl_tuned 2>&1 | grep -E "$keep" | tee "$out/speed_1b.log"
+  # padding-free (flash-attention's varlen kernels when installed) with the micro-batch auto picks for 16 rows
+  timeout 45 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 16 --steps 6 --warmup 1 --budget 10 \
+    --runs posttrain --set sft.padding_free=true --set model.attn_implementation=$flash \
+    --set sft.per_device_train_batch_size=auto --set sft.global_batch_size=16 2>&1 | grep -E "$keep" \
+    | tee "$out/speed_1b_padding_free_auto.log"
+  # bf16 weights with Kahan-compensated AdamW: its peak beside the default's (speed_1b.log)
+  timeout 45 python3 sft_throughput.py --size llama3_2_1b --seq 4096 --batch 4 --steps 20 --warmup 2 --budget 10 \
+    --runs posttrain --set sft.optimizer=adamw_kahan_bf16 2>&1 | grep -E "$keep" | tee "$out/speed_1b_kahan.log"
+  # 8B, seq 4096, one sequence per micro-batch: bf16 stochastic-rounding AdamW (8 bytes per parameter)
+  # and activation checkpointing as auto decides; the raw loop the same; TRL tuned with bf16 weights
+  # (its AdamW keeps bf16 moments) and activation checkpointing
+  timeout 185 python3 sft_throughput.py --size llama3_1_8b --seq 4096 --batch 1 --steps 20 --warmup 2 --budget 12 \
+    --runs posttrain,raw,trl_tuned --trl-checkpointing --set sft.optimizer=adamw_sr_bf16 2>&1 | grep -E "$keep" \
+    | tee "$out/speed_8b.log"
+  cd ..
+  cp bench/results/sft_throughput.jsonl "$out/" 2>/dev/null
   exit 0
 fi
 if [ "$what" = peft ]; then

@@ -166,7 +166,10 @@ def load(tree: DictConfig) -> tuple[Config, dict]:
     except OmegaConfBaseException as e:  # an interpolation that cannot resolve, a missing value
         raise ConfigError(str(e).splitlines()[0]) from None
     container["run"]["output_dir"] = _job_output_dir(container["run"]["output_dir"])
-    return load_config(container), container
+    cfg = load_config(container)
+    for name in cfg.auto_batches:  # workers (on any node) train with the number chosen here
+        container[name]["per_device_train_batch_size"] = cfg.stages[name].per_device_train_batch_size
+    return cfg, container
 
 
 def _scrub_hydra_files() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from posttrain.data import formats
 from posttrain.data.builtin import TaskSpec
 from posttrain.errors import ConfigError, require, unknown_key
+from posttrain.optim import OPTIMIZERS
 
 __all__ = ["ConfigError", "require"]  # re-exported: plugins raise posttrain.config.ConfigError
 
@@ -295,7 +296,9 @@ class StageConfig:
     learning_rate: float = 1e-5
     num_train_epochs: float = 1.0
     max_steps: int = -1
-    per_device_train_batch_size: int = 8
+    # sequences per device per step, or auto: the largest that fits the device's memory by the
+    # memory plan (needs global_batch_size, which it keeps; resolved when the config loads)
+    per_device_train_batch_size: int | str = 8
     per_device_eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     # examples per optimizer step over all processes; when set, gradient_accumulation_steps is
@@ -314,6 +317,17 @@ class StageConfig:
     activation_checkpointing: bool | str = "auto"
     # save a resumable checkpoint every N optimizer steps (0: only when preempted)
     checkpoint_steps: int = 500
+    # a micro-batch's rows concatenated into one row with per-row position ids: no padding is
+    # computed (methods with a padding-free path: StageSpec.padding_free)
+    padding_free: bool = False
+    # adamw (the trainer's AdamW on the weights model.dtype gives), adamw_kahan_bf16 or
+    # adamw_sr_bf16 (bf16 weights and Adam states, updates Kahan-compensated or stochastically
+    # rounded: posttrain/optim.py)
+    optimizer: str = "adamw"
+    # torch.compile the model (transformers' torch_compile)
+    compile: bool = False
+    # Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU; CUDA and liger-kernel)
+    liger: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     trainer_args: dict[str, Any] = field(default_factory=dict)
@@ -322,7 +336,17 @@ class StageConfig:
         require(self.learning_rate > 0, f"{key}.learning_rate", f"{self.learning_rate} must be > 0")
         require(self.num_train_epochs > 0, f"{key}.num_train_epochs", f"{self.num_train_epochs} must be > 0")
         require(self.max_steps == -1 or self.max_steps > 0, f"{key}.max_steps", "must be -1 (use epochs) or > 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        micro = self.per_device_train_batch_size
+        if isinstance(micro, str):
+            require(micro == "auto", f"{key}.per_device_train_batch_size", f"{micro!r} is not a number or auto")
+            require(
+                self.global_batch_size is not None,
+                f"{key}.per_device_train_batch_size",
+                f"auto needs {key}.global_batch_size (the batch it keeps while it picks the micro-batch)",
+            )
+        else:
+            require(micro > 0, f"{key}.per_device_train_batch_size", f"{micro} must be > 0 or auto")
+        for name in ("per_device_eval_batch_size", "gradient_accumulation_steps"):
             require(getattr(self, name) > 0, f"{key}.{name}", f"{getattr(self, name)} must be > 0")
         require(
             self.global_batch_size is None or self.global_batch_size > 0,
@@ -339,6 +363,8 @@ class StageConfig:
         )
         methods = ", ".join(PEFT_METHODS)
         require(self.peft in (None, *PEFT_METHODS), f"{key}.peft", f"{self.peft!r} is not one of null, {methods}")
+        allowed = ", ".join(OPTIMIZERS)
+        require(self.optimizer in OPTIMIZERS, f"{key}.optimizer", f"{self.optimizer!r} is not one of {allowed}")
         if self.gate.min_exact_match is not None:
             require(self.eval.exact_match, f"{key}.gate.min_exact_match", f"needs {key}.eval.exact_match=true")
         if self.gate.min_win_rate is not None:
@@ -567,6 +593,8 @@ class Config:
     sweep: SweepConfig
     # stage name -> its config, in chain order; stages whose method is `none` are left out
     stages: dict[str, StageConfig]
+    # stage name -> why `per_device_train_batch_size: auto` chose its number (for the plan)
+    auto_batches: dict[str, str] = field(default_factory=dict)
 
 
 # --- batches and processes --------------------------------------------------------------

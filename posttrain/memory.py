@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain import hub
+from posttrain import hub, optim
 from posttrain.config import (
     ArchitectureConfig,
     Config,
@@ -27,7 +27,9 @@ from posttrain.config import (
     processes_per_node,
     stage_peft,
 )
+from posttrain.errors import ConfigError, require
 from posttrain.models import TINY, compute_dtype
+from posttrain.optim import BF16_OPTIMIZERS
 
 # share of a GPU's memory the estimate may fill: the CUDA context, the allocator's fragmentation
 # and temporary buffers take the rest
@@ -159,6 +161,9 @@ class Holding:
     weight_bytes: float  # per trained parameter as the model holds it; its gradient the same
     frozen_bytes: float  # per frozen parameter
     what: str
+    # per trained parameter, the optimizer's states without ZeRO; None: torch AdamW's two moments
+    # in the weights' dtype (2 x weight_bytes)
+    state_bytes: float | None = None
 
 
 def precision(dtype: str, on_gpu: bool) -> tuple[int, str]:
@@ -204,6 +209,9 @@ def stage_holding(
     if method == "none":
         if deepspeed:
             return Holding(total, 0, size, 0.0, f"{name} weights and gradients, DeepSpeed's fp32 copy and Adam")
+        if stage.optimizer in BF16_OPTIMIZERS:  # bf16 whatever the device: the optimizer's own
+            states = optim.state_bytes(stage.optimizer)
+            return Holding(total, 0, 2, 0.0, f"bf16 weights, gradients, {stage.optimizer} ({states} B)", states)
         if cfg.model.dtype == "bfloat16":
             return Holding(total, 0, 2, 0.0, "bf16 weights, gradients, Adam")
         return Holding(total, 0, 4, 0.0, "fp32 weights, gradients, Adam")
@@ -218,8 +226,10 @@ def model_states(ds: DeepSpeedConfig, hold: Holding, gpus: int, nodes: int) -> t
 
     N trained parameters of b bytes, F frozen ones of f bytes, w processes (bench/memory.py
     measures each on 2 fp32 CPU workers):
-      no ZeRO  f F + (4 b + b when w > 1) N: torch's AdamW keeps its moments in the weights' dtype;
-               DDP's buckets copy the gradients (measured: 20 bytes per fp32 parameter, not 16)
+      no ZeRO  f F + (2 b + s + b when w > 1) N: weights, gradients, the optimizer's states s
+               (torch's AdamW: its moments in the weights' dtype, s = 2 b; a BF16 optimizer's from
+               posttrain/optim.py); DDP's buckets copy the gradients (measured: 20 bytes per fp32
+               parameter, not 16)
       ZeRO-1/2 f F + b N + (b + 16) N / w: the weights whole, gradients and DeepSpeed's fp32 copy
                and Adam partitioned (ZeRO-1 measured within 6% of ZeRO-2 in DeepSpeed 0.19: its
                gradients are reduced into partitions too)
@@ -234,7 +244,8 @@ def model_states(ds: DeepSpeedConfig, hold: Holding, gpus: int, nodes: int) -> t
     n, f, b, frozen = hold.trained, hold.frozen_bytes, hold.weight_bytes, hold.frozen
     world = gpus * nodes
     if ds.stage is None:
-        return f * frozen + (4 * b + (b if world > 1 else 0)) * n, 0.0
+        states = 2 * b if hold.state_bytes is None else hold.state_bytes
+        return f * frozen + (2 * b + states + (b if world > 1 else 0)) * n, 0.0
     gradients, optimizer, cpu = b * n / world, ZERO_OPTIMIZER * n / world, 0.0  # partitioned
     if ds.offload_optimizer:  # gradients reduced into CPU memory: ZERO_OPTIMIZER's fp32 ones
         cpu, gradients, optimizer = gpus * OFFLOAD_BUFFER * optimizer, 0.0, 0.0
@@ -256,12 +267,15 @@ def layer_activation_bytes(arch: ArchitectureConfig) -> float:
     return 26.0 * arch.hidden_size + 8.0 * arch.intermediate_size
 
 
-def activation_bytes(arch: ArchitectureConfig, sequences: int, length: int) -> float:
-    """Activation memory of one forward and backward without checkpointing: every layer's saved
-    tensors, plus the logits at their peak (16-bit, the fp32 copy the loss takes and its
-    log-softmax: 10 bytes per vocabulary entry)."""
-    per_token = arch.num_hidden_layers * layer_activation_bytes(arch) + 10 * arch.vocab_size
-    return float(sequences * length * per_token)
+def activation_bytes(arch: ArchitectureConfig, sequences: int, length: int, checkpointing: bool = False) -> float:
+    """Activation memory of one forward and backward: every layer's saved tensors (with
+    activation checkpointing only each layer's 16-bit input, plus the one layer being recomputed),
+    plus the logits at their peak (16-bit, the fp32 copy the loss takes and its log-softmax: 10
+    bytes per vocabulary entry)."""
+    layers = arch.num_hidden_layers * layer_activation_bytes(arch)
+    if checkpointing:
+        layers = arch.num_hidden_layers * 2.0 * arch.hidden_size + layer_activation_bytes(arch)
+    return float(sequences * length * (layers + 10 * arch.vocab_size))
 
 
 def sequences_per_forward(stage: StageConfig, data_kind: str) -> int:
@@ -293,6 +307,64 @@ def activation_checkpointing(
     need = states + activation_bytes(arch, sequences_per_forward(stage, data_kind), length)
     on = need > USABLE_SHARE * capacity
     return on, f"model states and activations ~{gib(need)} {'>' if on else '<='} {USABLE_SHARE:.0%} of {gib(capacity)}"
+
+
+def auto_micro_batch(
+    name: str, stage: StageConfig, cfg: Config, data_kind: str, capacity: float, world: int, on_gpu: bool = True
+) -> tuple[int, str]:
+    """`per_device_train_batch_size: auto`: the largest micro-batch that divides the rows each
+    process takes per step (global_batch_size / world, which stays as it is: gradient accumulation
+    makes up the rest) and whose model states and activations at max_length fit USABLE_SHARE of
+    `capacity` bytes. Without activation checkpointing when some micro-batch fits so; with it
+    (when the stage's activation_checkpointing is auto or true) otherwise. Returns (micro-batch, why)."""
+    key = f"{name}.per_device_train_batch_size"
+    require(
+        stage.global_batch_size % world == 0,
+        key,
+        f"auto: global_batch_size {stage.global_batch_size} does not divide over {world} processes",
+    )
+    try:
+        arch = architecture(cfg.model, local_only=True)
+        total, _ = model_parameter_counts(cfg.model, local_only=True)
+    except OSError as e:
+        raise ConfigError(
+            f"{key}: auto needs the model's shape ({str(e).strip().splitlines()[0][:200]}); give a number"
+        ) from None
+    hold = stage_holding(stage, cfg, arch, total, on_gpu)
+    states, _ = model_states(cfg.deepspeed, hold, processes_per_node(cfg.launcher), cfg.launcher.nnodes)
+    length = stage.max_length or arch.max_position_embeddings
+    per_rank = stage.global_batch_size // world
+    budget = USABLE_SHARE * capacity
+    # auto: off on CPU workers (activation_checkpointing's rule), tried second on a GPU
+    modes = [bool(stage.activation_checkpointing)]
+    if stage.activation_checkpointing == "auto":
+        modes = [False, True] if on_gpu else [False]
+    rows = 1 if data_kind in ("sft", "prompt") else 2  # pairs run chosen and rejected together
+    for checkpointing in modes:
+        for micro in (b for b in range(per_rank, 0, -1) if per_rank % b == 0):
+            need = states + activation_bytes(arch, micro * rows, length, checkpointing)
+            if need <= budget:
+                how = "with activation checkpointing" if checkpointing else "without activation checkpointing"
+                return micro, (
+                    f"{micro} x {length} tokens {how}: model states and activations ~{gib(need)} <= "
+                    f"{USABLE_SHARE:.0%} of {gib(capacity)}; x {per_rank // micro} accumulation x {world} processes "
+                    f"keeps {stage.global_batch_size}"
+                )
+    raise ConfigError(
+        f"{key}: auto: not even 1 sequence of {length} tokens fits {USABLE_SHARE:.0%} of {gib(capacity)} "
+        f"(model states alone ~{gib(states)}); lower max_length, or use peft=lora, deepspeed=zero3 "
+        "or optimizer=adamw_sr_bf16"
+    )
+
+
+def device_memory(processes: int = 1) -> tuple[float, bool]:
+    """(bytes, on a GPU) each process may fill: this machine's first GPU, else its RAM shared by
+    `processes` CPU workers."""
+    if (capacity := gpu_memory()) is not None:
+        return capacity, True
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / processes, False
 
 
 def gpu_memory() -> float | None:

@@ -40,6 +40,7 @@ from posttrain.data.formats import DataError
 from posttrain.data.load import check_source
 from posttrain.errors import ConfigError, require, unknown_key
 from posttrain.launch import read_hostfile
+from posttrain.optim import BF16_OPTIMIZERS
 from posttrain.rewards import check_reward_spec, import_function, reward_specs
 from posttrain.stage_cache import StageIndex, place_stage
 from posttrain.stages import STAGES, load_plugins
@@ -184,6 +185,7 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
         stage = build(STAGES[method].config_cls, section, name)
         stage.validate(name)
         check_trainer_args(STAGES[method], stage, name)
+        check_speed_options(name, stage, built["model"], built["peft"], built["deepspeed"])
         if STAGES[method].data_kind != "preference":
             for bound in ("min_reward_accuracy", "min_reward_margin"):
                 require(getattr(stage.gate, bound) is None, f"{name}.gate.{bound}", f"{method} has no rewards")
@@ -206,11 +208,70 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
         "sweep.objective",
         f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
     )
-    resolve_batches(stages, planned_world_size(built["launcher"]))
     cfg = Config(stages=stages, **built)
+    resolve_auto_batches(cfg)
+    resolve_batches(stages, planned_world_size(built["launcher"]))
     if on_launch_node:
         check_distributed(cfg)
     return cfg
+
+
+def resolve_auto_batches(cfg: Config, capacity: float | None = None) -> None:
+    """Put a number in every `per_device_train_batch_size: auto` (memory.auto_micro_batch), for
+    this machine's device (a GPU, else the RAM of its CPU workers) or `capacity` bytes."""
+    world = planned_world_size(cfg.launcher)
+    auto = [name for name, stage in cfg.stages.items() if stage.per_device_train_batch_size == "auto"]
+    on_gpu = True
+    if auto and capacity is None:
+        capacity, on_gpu = memory.device_memory(processes_per_node(cfg.launcher))
+    for name in auto:
+        stage, spec = cfg.stages[name], STAGES[cfg.stages[name].method]
+        key = f"{name}.per_device_train_batch_size"
+        require(spec.make_trainer is not None, key, f"auto: {stage.method} trains nothing; give a number")
+        micro, why = memory.auto_micro_batch(name, stage, cfg, spec.data_kind, capacity, world, on_gpu)
+        stage.per_device_train_batch_size = micro
+        cfg.auto_batches[name] = why
+
+
+def check_speed_options(
+    name: str, stage: StageConfig, model: ModelConfig, peft: PeftConfig, ds: DeepSpeedConfig
+) -> None:
+    """padding_free, optimizer, compile and liger where they cannot work, as one line each."""
+    spec = STAGES[stage.method]
+    if stage.padding_free:
+        able = ", ".join(m for m, s in STAGES.items() if s.padding_free)
+        require(
+            spec.padding_free,
+            f"{name}.padding_free",
+            f"{stage.method} has no padding-free path; methods with one: {able}",
+        )
+    if stage.optimizer in BF16_OPTIMIZERS:
+        key = f"{name}.optimizer"
+        require(spec.make_trainer is not None, key, f"{stage.method} trains nothing; leave it at adamw")
+        require(
+            stage_peft(stage, peft) == "none",
+            key,
+            f"{stage.optimizer} is for full fine-tunes; LoRA trains small fp32 adapters: use adamw",
+        )
+        require(
+            ds.stage is None,
+            key,
+            f"{stage.optimizer} needs deepspeed=none (DeepSpeed keeps its own fp32 copy and Adam)",
+        )
+        require(
+            model.dtype in ("auto", "bfloat16"),
+            key,
+            f"{stage.optimizer} trains bf16 weights; model.dtype={model.dtype} asks for others (use auto or bfloat16)",
+        )
+    if stage.liger:
+        require(
+            importlib.util.find_spec("liger_kernel") is not None,
+            f"{name}.liger",
+            "liger-kernel is not installed: pip install liger-kernel (its kernels need a CUDA GPU)",
+        )
+        require(gpu_devices_present(), f"{name}.liger", "Liger's Triton kernels need a CUDA GPU; this machine has none")
+    if stage.compile:
+        require(spec.make_trainer is not None, f"{name}.compile", f"{stage.method} trains nothing; leave it false")
 
 
 def check_distributed(cfg: Config) -> None:
@@ -348,6 +409,13 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
                 f"batch {micro} x {accum} accumulation x {world} processes = {global_batch(stage, world)} per step, "
                 f"{length}"
             )
+            if name in cfg.auto_batches:
+                lines.append(f"    micro-batch auto: {cfg.auto_batches[name]}")
+            if stage.padding_free and cfg.model.attn_implementation not in ("flash_attention_2", "flash_attention_3"):
+                lines.append(
+                    f"    padding-free under {cfg.model.attn_implementation}: one block-diagonal mask over the whole "
+                    "packed row (attention quadratic in its length); flash_attention_2 runs it variable-length"
+                )
             if stage.activation_checkpointing == "auto" and memory.gpu_memory() is not None:
                 on, why = memory.activation_checkpointing(stage, cfg, spec.data_kind, local_only=world == 1)
                 lines.append(f"    activation checkpointing: {'on' if on else 'off'} ({why})")

@@ -51,6 +51,10 @@ KEY_OMITS_AT = {
     "mask_truncated_completions": False,
     "importance_sampling_level": "token",
     "band": None,
+    "padding_free": False,
+    "optimizer": "adamw",
+    "compile": False,
+    "liger": False,
 }
 
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import artifacts, distributed, models, peft_handoff, stage_cache
+from posttrain import artifacts, distributed, models, optim, peft_handoff, stage_cache
 from posttrain.artifacts import Artifact
 from posttrain.config import Config, LoggerConfig, StageConfig, stage_peft
 from posttrain.data.load import StageData
 from posttrain.deepspeed_config import deepspeed_json, precision
 from posttrain.evaluate import evaluate_model
+from posttrain.optim import BF16_OPTIMIZERS
 from posttrain.preemption import Preempted, PreemptionGuard
 from posttrain.ref_logps import RefLogpsCache
 from posttrain.report.plots import plot_curves
@@ -86,6 +87,23 @@ def trains_loaded_weights(stage: StageConfig, cfg: Config) -> bool:
     return stage_peft(stage, cfg.peft) == "none" and cfg.deepspeed.stage is None
 
 
+def trained_dtype(stage: StageConfig, cfg: Config) -> torch.dtype:
+    """The dtype a stage's policy loads in: bf16 under a BF16 optimizer (posttrain/optim.py), else
+    model.dtype's (models.weights_dtype)."""
+    import torch
+
+    if stage.optimizer in BF16_OPTIMIZERS:
+        return torch.bfloat16
+    return models.weights_dtype(cfg.model.dtype, trains_loaded_weights(stage, cfg))
+
+
+def use_stage_optimizer(trainer, stage: StageConfig, args: dict[str, Any]) -> None:
+    """A BF16 optimizer (posttrain/optim.py) for the trainer to build, with its parameter groups,
+    scheduler and checkpoints; `adamw` leaves the trainer's own."""
+    if stage.optimizer in BF16_OPTIMIZERS:
+        trainer.optimizer_cls_and_kwargs = optim.optimizer_cls_and_kwargs(stage.optimizer, args)
+
+
 def saved_dtype(stage: StageConfig, cfg: Config) -> torch.dtype | None:
     """The dtype fp32 master weights are evaluated and saved in: the one they computed in (bf16 on
     a GPU with bf16 units), as a bf16 trainer would save them (half the disk; the dtype hub models
@@ -105,12 +123,12 @@ def build_policy(run: StageRun, cfg: Config, tokenizer) -> Policy:
     # merge: train on the parent's (merged) weights; stack: on its base, under its adapters
     chain = peft_handoff.lineage(run.parent.source) if stack else {"base": run.parent.source, "adapters": []}
 
-    def load(source: str, trained: bool = False) -> PreTrainedModel:
+    def load(source: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
         return models.load_model(
-            source, cfg.model, spec.model_kind, method == "qlora", tokenizer.pad_token_id, trained=trained
+            source, cfg.model, spec.model_kind, method == "qlora", tokenizer.pad_token_id, dtype=dtype
         )
 
-    model, peft_config = load(chain["base"], trained=trains_loaded_weights(run.stage, cfg)), None
+    model, peft_config = load(chain["base"], dtype=trained_dtype(run.stage, cfg)), None
     if method != "none":
         peft_config = peft_handoff.lora_config(cfg.peft, cfg.model, spec.model_kind)
         if chain["adapters"]:
@@ -150,6 +168,7 @@ def train_stage(
             reward=stage_reward(run, cfg, tokenizer) if spec.uses_reward else None,
         )
     )
+    use_stage_optimizer(trainer, run.stage, args)
     use_stage_progress_bar(trainer, run.name)
     if cfg.run.rank_logs:
         distributed.rank_logger(trainer, run.folder, rss_before_model)
@@ -295,8 +314,7 @@ def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:
         folder = cfg.run.cache_path / "ref_logps" / reference.key
     # a 4-bit (QLoRA) policy computes 4-bit reference log-probs
     quantized = stage_peft(run.stage, cfg.peft) == "qlora"
-    trained = trains_loaded_weights(run.stage, cfg)
-    dtypes = f"{models.weights_dtype(cfg.model.dtype, trained)}>{models.compute_dtype(cfg.model.dtype)}"
+    dtypes = f"{trained_dtype(run.stage, cfg)}>{models.compute_dtype(cfg.model.dtype)}"
     settings = f"{dtypes}|{cfg.model.attn_implementation}|{'nf4' if quantized else 'full'}"
     return RefLogpsCache(folder, reference.key, settings)
 

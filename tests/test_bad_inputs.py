@@ -132,6 +132,12 @@ BAD: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("column mapped to no column", lambda d: file("p.jsonl", lines(PAIR), key="data.preference.path")(d) + ["+data.preference.columns.chosen=answer"], "p.jsonl: columns.chosen: no column 'answer'; found: prompt, chosen, rejected"),
     ("SFT rows for a preference stage", file("chat.jsonl", lines(ROW), key="data.preference.path"), "these rows look like messages rows, which a preference stage cannot train on"),
     ("format that does not fit", args("data.sft.format=preference"), "error: sft.data.format: 'preference' rows do not fit sft (sft data)"),
+    ("padding-free for a method without it", args("align=kto", "align.padding_free=true"), "error: align.padding_free: kto has no padding-free path; methods with one: sft, dpo, orpo, cpo, simpo"),
+    ("unknown optimizer", args("align.optimizer=adam8bit"), "error: align.optimizer: 'adam8bit' is not one of adamw, adamw_kahan_bf16, adamw_sr_bf16"),
+    ("bf16 optimizer under LoRA", args("peft=lora", "align.optimizer=adamw_kahan_bf16"), "error: align.optimizer: adamw_kahan_bf16 is for full fine-tunes; LoRA trains small fp32 adapters: use adamw"),
+    ("bf16 optimizer with fp32 weights", args("model.dtype=float32", "sft.optimizer=adamw_sr_bf16"), "error: sft.optimizer: adamw_sr_bf16 trains bf16 weights; model.dtype=float32 asks for others (use auto or bfloat16)"),
+    ("liger without the package or a GPU", args("sft.liger=true"), "error: sft.liger: "),
+    ("auto micro-batch without a global batch", args("sft.per_device_train_batch_size=auto"), "error: sft.per_device_train_batch_size: auto needs sft.global_batch_size (the batch it keeps while it picks the micro-batch)"),
 ]  # fmt: skip
 
 

@@ -82,6 +82,11 @@ def test_settings_that_do_not_change_weights_keep_the_keys(override):
         "data.sft.dedup=exact",
         "data.sft.max_rows=100",
         "data.sft.overlong=drop",
+        # on, the speed options change the numbers (bf16 weights; other kernels and reductions);
+        # off, they leave existing keys as they were (test_keys_are_the_ones_existing_caches_hold)
+        "sft.optimizer=adamw_kahan_bf16",
+        "sft.padding_free=true",
+        "sft.compile=true",
     ],
 )
 def test_settings_that_change_weights_change_the_keys(override):

@@ -142,6 +142,8 @@ class StageSpec:
     make_data: Callable[[DataStageInputs], dict[str, float] | None] | None = None
     # True: the stage scores replies with a reward source (its `reward` field)
     uses_reward: bool = False
+    # True: the method can train on padding-free batches (the stage's `padding_free`)
+    padding_free: bool = False
 
 
 # --- shared training arguments ---------------------------------------------------------
@@ -187,6 +189,10 @@ def training_args(
     )
     if cfg.group_by_length:
         args["train_sampling_strategy"] = "group_by_length"
+    if cfg.compile:
+        args["torch_compile"] = True
+    if cfg.liger:
+        args["use_liger_kernel"] = True
     args.update(cfg.trainer_args)
     return args
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
+from posttrain.padding_free import unpadded_trainer
 from posttrain.stages.base import StageSpec, TrainerInputs
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -56,7 +57,9 @@ def make_trainer(inputs: TrainerInputs):
         simpo_gamma=cfg.simpo_gamma,
         label_smoothing=cfg.label_smoothing,
     )
-    return CPOTrainer(args=args, **inputs.trainer_kwargs())
+    # padding_free: the concatenated forward packs each padded batch (posttrain/padding_free.py)
+    trainer_cls = unpadded_trainer(CPOTrainer) if cfg.padding_free else CPOTrainer
+    return trainer_cls(args=args, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(
@@ -65,5 +68,6 @@ STAGE = StageSpec(
     uses_reference=False,
     make_trainer=make_trainer,
     trl_config=trl_config,
+    padding_free=True,
     summary_metrics=(("eval_rewards/accuracies", "reward_acc"), ("eval_rewards/margins", "reward_margin")),
 )

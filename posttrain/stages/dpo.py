@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import StageConfig, require
+from posttrain.padding_free import PackedPreferenceCollator, padding_free_trainer
 from posttrain.ref_logps import with_cached_reference
 from posttrain.stages.base import StageSpec, TrainerInputs
 
@@ -70,8 +71,19 @@ def make_trainer(inputs: TrainerInputs):
     # the collator truncates to max_length: part of what the log-probs are of
     cache = inputs.ref_logps if cfg.precompute_ref_log_probs else None
     trainer_cls = with_cached_reference(DPOTrainer, dpo_trainer, cache, f"{args.max_length}|{args.truncation_mode}")
+    collator = None
+    if cfg.padding_free:  # TRL 1.16 ignores its own padding_free for DPO: posttrain/padding_free.py
+        trainer_cls = padding_free_trainer(trainer_cls)
+        collator = PackedPreferenceCollator(
+            dpo_trainer.DataCollatorForPreference(
+                pad_token_id=inputs.tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        )
     # ref_model is None when the policy (still equal to the reference) computes them
-    return trainer_cls(ref_model=inputs.ref_model, args=args, **inputs.trainer_kwargs())
+    return trainer_cls(ref_model=inputs.ref_model, args=args, data_collator=collator, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(
@@ -80,5 +92,6 @@ STAGE = StageSpec(
     uses_reference=True,
     make_trainer=make_trainer,
     trl_config=trl_config,
+    padding_free=True,
     summary_metrics=(("eval_rewards/accuracies", "reward_acc"), ("eval_rewards/margins", "reward_margin")),
 )

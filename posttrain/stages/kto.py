@@ -40,7 +40,8 @@ class KTOStageConfig(StageConfig):
         allowed = ", ".join(LOSS_TYPES)
         require(self.loss_type in LOSS_TYPES, f"{key}.loss_type", f"unknown {self.loss_type!r}; allowed: {allowed}")
         # TRL's KL estimate pairs each reply with its batch neighbours: it needs two per batch
-        require(self.per_device_train_batch_size > 1, f"{key}.per_device_train_batch_size", "KTO needs >= 2")
+        micro = self.per_device_train_batch_size
+        require(micro == "auto" or micro > 1, f"{key}.per_device_train_batch_size", "KTO needs >= 2")
 
 
 def trl_config() -> type:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
+from posttrain.padding_free import unpadded_trainer
 from posttrain.stages.base import StageSpec, TrainerInputs
 
 
@@ -35,7 +36,9 @@ def make_trainer(inputs: TrainerInputs):
 
     cfg: ORPOStageConfig = inputs.cfg
     args = ORPOConfig(**inputs.args, beta=cfg.beta)
-    return ORPOTrainer(args=args, **inputs.trainer_kwargs())
+    # padding_free: the concatenated forward packs each padded batch (posttrain/padding_free.py)
+    trainer_cls = unpadded_trainer(ORPOTrainer) if cfg.padding_free else ORPOTrainer
+    return trainer_cls(args=args, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(
@@ -44,5 +47,6 @@ STAGE = StageSpec(
     uses_reference=False,
     make_trainer=make_trainer,
     trl_config=trl_config,
+    padding_free=True,
     summary_metrics=(("eval_rewards/accuracies", "reward_acc"), ("eval_rewards/margins", "reward_margin")),
 )

@@ -32,10 +32,19 @@ def trl_config() -> type:
 
 def make_trainer(inputs: TrainerInputs):
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     cfg: SFTStageConfig = inputs.cfg
     args = SFTConfig(**inputs.args, assistant_only_loss=cfg.assistant_only_loss, packing=cfg.packing)
-    return SFTTrainer(args=args, **inputs.trainer_kwargs())
+    collator = None
+    if cfg.padding_free and not cfg.packing:  # packing (BFD) is padding-free already
+        # TRL's own padding-free collator (one row, position ids restarting per conversation). Not
+        # through SFTConfig(padding_free=True): TRL 1.16 refuses it with max_length set, although
+        # it truncates each conversation to max_length while preparing the data either way
+        collator = DataCollatorForLanguageModeling(
+            pad_token_id=inputs.tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=args.pad_to_multiple_of
+        )
+    return SFTTrainer(args=args, data_collator=collator, **inputs.trainer_kwargs())
 
 
 STAGE = StageSpec(
@@ -44,4 +53,5 @@ STAGE = StageSpec(
     uses_reference=False,
     make_trainer=make_trainer,
     trl_config=trl_config,
+    padding_free=True,
 )

@@ -35,5 +35,6 @@ STAGE = StageSpec(
     uses_reference=False,
     make_trainer=cpo.make_trainer,
     trl_config=cpo.trl_config,
+    padding_free=True,
     summary_metrics=cpo.STAGE.summary_metrics,
 )

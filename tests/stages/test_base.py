@@ -1,4 +1,4 @@
-"""Defaults chosen per machine: processes for tokenizing large datasets."""
+"""Defaults chosen per machine: processes for tokenizing large datasets; speed options as training arguments."""
 
 from __future__ import annotations
 
@@ -70,3 +70,19 @@ def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkey
         assert saved_dtype(other.stages["sft"], other) is None
     fp16 = load_config(compose_tree([*overrides, "model.dtype=float16"]))
     assert saved_dtype(fp16.stages["sft"], fp16) == torch.float16
+
+
+def test_compile_and_liger_map_to_transformers_arguments(tmp_path):
+    """`compile` and `liger` become TrainingArguments' torch_compile and use_liger_kernel; off,
+    neither is passed (TRL warns about use_liger_kernel whatever its value)."""
+    from posttrain.plan import load_config
+    from posttrain.stages.base import training_args
+    from tests.conftest import compose_tree
+
+    cfg = load_config(compose_tree([f"run.output_dir={tmp_path}", "sft.compile=true", "align.compile=false"]))
+    on = training_args(STAGES["sft"], cfg.stages["sft"], cfg, tmp_path)
+    off = training_args(STAGES["dpo"], cfg.stages["align"], cfg, tmp_path)
+    assert on["torch_compile"] is True and "torch_compile" not in off
+    assert "use_liger_kernel" not in on and "use_liger_kernel" not in off
+    cfg.stages["sft"].liger = True  # past the plan's check (CUDA, liger-kernel), as on a GPU machine
+    assert training_args(STAGES["sft"], cfg.stages["sft"], cfg, tmp_path)["use_liger_kernel"] is True
