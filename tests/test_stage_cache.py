@@ -21,7 +21,7 @@ def keys(*overrides: str) -> dict[str, str]:
 PINNED = {
     "recipe=tiny_sft_dpo": {"base": "50b7bc43d3fcf5ee", "sft": "05e15efcdd1941f0", "align": "3145344baabd13e2"},
     # tiny_sft_grpo's align key moved on purpose: its GRPO settings were tuned (conf/tuned/tiny_grpo.yaml)
-    "recipe=tiny_sft_grpo": {"base": "50b7bc43d3fcf5ee", "sft": "192ec2e3a3613ac2", "align": "03390c934b5caee9"},
+    "recipe=tiny_sft_grpo": {"base": "50b7bc43d3fcf5ee", "sft": "192ec2e3a3613ac2", "align": "b02c36702702c6b9"},
     "recipe=tiny_sft_onpolicy_dpo": {
         "base": "50b7bc43d3fcf5ee",
         "sft": "192ec2e3a3613ac2",
