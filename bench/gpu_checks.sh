@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU path in one go (bf16, sdpa on CUDA, throughput and MFU, the default recipe end to end).
-#   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft|deepspeed|speed]
+#   bash bench/gpu_checks.sh OUT_DIR [all|bench|peft|deepspeed|speed|online]
 #   (peft: QLoRA and LoRA hand-off on CUDA only, and both under ZeRO-3; deepspeed: the default recipe under ZeRO-3
 #   through the deepspeed launcher, beside the same recipe in one plain process; speed: issue 23 on one
 #   H100/H200 in under 8 minutes: SFT at Llama-3.2-1B's shape, seq 4096, bf16 (MFU, posttrain vs the raw
 #   loop vs TRL tuned for the device), padding-free with the auto micro-batch, the Kahan optimizer's
-#   memory, and Llama-3.1-8B's shape full fine-tuned with bf16 stochastic-rounding AdamW)
+#   memory, and Llama-3.1-8B's shape full fine-tuned with bf16 stochastic-rounding AdamW; online: issue 23's
+#   GRPO samples/s and DPO pairs/s at Llama-3.2-1B's shape in about 6 minutes, posttrain vs TRL)
 # On a GPU machine with no package index: carry wheels of what it lacks in .whl/ (trl, datasets,
 # hydra-core, omegaconf, antlr4-python3-runtime, transformers, dill, multiprocess; for peft:
 # peft, bitsandbytes, pytest, pluggy, iniconfig; for deepspeed: its sdist and hjson, ninja,
@@ -71,6 +72,21 @@ if [ "$what" = speed ]; then
     | tee "$out/speed_8b.log"
   cd ..
   cp bench/results/sft_throughput.jsonl "$out/" 2>/dev/null
+  exit 0
+fi
+if [ "$what" = online ]; then
+  # every step has its own timeout; their sum (350 s) keeps the mode under 6 minutes
+  keep='^\[bench\]|^\||Error|error:|Traceback|out of memory'
+  echo "vllm: $(python3 -c "import importlib.util as u; print(bool(u.find_spec('vllm')))")" | tee "$out/online.txt"
+  cd bench
+  # GRPO samples/s at 1B: posttrain's grpo stage vs TRL's GRPOTrainer tuned (bf16, sdpa or flash, vLLM if installed)
+  timeout 200 python3 grpo_throughput.py --size llama3_2_1b --prompts-per-step 8 --num-generations 8 \
+    --max-completion-length 128 --steps 8 --warmup 2 --budget 45 2>&1 | grep -E "$keep" | tee "$out/grpo_1b.log"
+  # DPO pairs/s at 1B, one beta: posttrain's dpo stage vs TRL's DPOTrainer defaults
+  timeout 150 python3 dpo_sweep.py --size llama3_2_1b --seq 1024 --batch 8 --steps 10 --betas 0.1 2>&1 \
+    | grep -E "$keep" | tee "$out/dpo_1b.log"
+  cd ..
+  cp bench/results/grpo_throughput.jsonl bench/results/dpo_sweep.jsonl "$out/" 2>/dev/null
   exit 0
 fi
 if [ "$what" = peft ]; then
