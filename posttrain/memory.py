@@ -278,10 +278,22 @@ def activation_bytes(arch: ArchitectureConfig, sequences: int, length: int, chec
     return float(sequences * length * (layers + 10 * arch.vocab_size))
 
 
-def sequences_per_forward(stage: StageConfig, data_kind: str) -> int:
+def sequences_per_forward(micro_batch: int, data_kind: str) -> int:
     """Rows in one micro-batch's forward pass of a method that trains on `data_kind` rows (StageSpec):
     pairs run chosen and rejected together, KTO its KL batch."""
-    return stage.per_device_train_batch_size * (1 if data_kind in ("sft", "prompt") else 2)
+    return micro_batch * (1 if data_kind in ("sft", "prompt") else 2)
+
+
+def stage_model_states(
+    stage: StageConfig, cfg: Config, source: str | None = None, local_only: bool = False, on_gpu: bool = True
+) -> tuple[ArchitectureConfig, float, int]:
+    """The model's shape, the stage's model states per process in bytes, and the length its
+    activations are estimated at (max_length, else the model's limit). OSError: no shape known."""
+    arch = architecture(cfg.model, source, local_only)
+    total, _ = model_parameter_counts(cfg.model, source, local_only)
+    hold = stage_holding(stage, cfg, arch, total, on_gpu)
+    states, _ = model_states(cfg.deepspeed, hold, processes_per_node(cfg.launcher), cfg.launcher.nnodes)
+    return arch, states, stage.max_length or arch.max_position_embeddings
 
 
 def activation_checkpointing(
@@ -297,14 +309,10 @@ def activation_checkpointing(
     if capacity is None:
         return False, "no GPU"
     try:
-        arch = architecture(cfg.model, source, local_only)
-        total, largest = model_parameter_counts(cfg.model, source, local_only)
+        arch, states, length = stage_model_states(stage, cfg, source, local_only)
     except OSError as e:  # no shape to estimate from: as without auto
         return False, f"no estimate ({str(e).strip().splitlines()[0][:200]})"
-    hold = stage_holding(stage, cfg, arch, total, on_gpu=True)
-    states, _ = model_states(cfg.deepspeed, hold, processes_per_node(cfg.launcher), cfg.launcher.nnodes)
-    length = stage.max_length or arch.max_position_embeddings
-    need = states + activation_bytes(arch, sequences_per_forward(stage, data_kind), length)
+    need = states + activation_bytes(arch, sequences_per_forward(stage.per_device_train_batch_size, data_kind), length)
     on = need > USABLE_SHARE * capacity
     return on, f"model states and activations ~{gib(need)} {'>' if on else '<='} {USABLE_SHARE:.0%} of {gib(capacity)}"
 
@@ -324,25 +332,20 @@ def auto_micro_batch(
         f"auto: global_batch_size {stage.global_batch_size} does not divide over {world} processes",
     )
     try:
-        arch = architecture(cfg.model, local_only=True)
-        total, _ = model_parameter_counts(cfg.model, local_only=True)
+        arch, states, length = stage_model_states(stage, cfg, local_only=True, on_gpu=on_gpu)
     except OSError as e:
         raise ConfigError(
             f"{key}: auto needs the model's shape ({str(e).strip().splitlines()[0][:200]}); give a number"
         ) from None
-    hold = stage_holding(stage, cfg, arch, total, on_gpu)
-    states, _ = model_states(cfg.deepspeed, hold, processes_per_node(cfg.launcher), cfg.launcher.nnodes)
-    length = stage.max_length or arch.max_position_embeddings
     per_rank = stage.global_batch_size // world
     budget = USABLE_SHARE * capacity
     # auto: off on CPU workers (activation_checkpointing's rule), tried second on a GPU
     modes = [bool(stage.activation_checkpointing)]
     if stage.activation_checkpointing == "auto":
         modes = [False, True] if on_gpu else [False]
-    rows = 1 if data_kind in ("sft", "prompt") else 2  # pairs run chosen and rejected together
     for checkpointing in modes:
         for micro in (b for b in range(per_rank, 0, -1) if per_rank % b == 0):
-            need = states + activation_bytes(arch, micro * rows, length, checkpointing)
+            need = states + activation_bytes(arch, sequences_per_forward(micro, data_kind), length, checkpointing)
             if need <= budget:
                 how = "with activation checkpointing" if checkpointing else "without activation checkpointing"
                 return micro, (
