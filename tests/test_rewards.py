@@ -283,7 +283,7 @@ def test_the_pairs_band_keeps_only_prompts_with_mixed_pass_rates(tmp_path):
         {"prompt": [{"role": "user", "content": name}], "replies": list("abcd"), "scores": scores}
         for name, scores in by_rate.items()
     ]
-    kept = [s["prompt"][0]["content"] for s in samples if pair_row(s, 0.0, band) is not None]
+    kept = [s["prompt"][0]["content"] for s in samples if band.keeps(s["scores"]) and pair_row(s, 0.0) is not None]
     assert kept == ["three of four", "half", "one of four"]
     assert pair_row(samples[-1], 0.0) is not None  # without a band, graded rewards make a pair
     (tmp_path / "samples-train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))

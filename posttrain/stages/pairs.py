@@ -82,11 +82,9 @@ def best_and_worst(scores: Sequence[float], min_gap: float = 0.0) -> tuple[int, 
     return (best, worst) if scores[best] - scores[worst] > min_gap else None
 
 
-def pair_row(sample: dict, min_gap: float, band: PassBand | None = None) -> dict | None:
-    """A preference row from one prompt's scored replies, or None (tied, the same text, or a pass
-    rate outside the band). Empty replies take no part (a preference row needs two replies)."""
-    if band is not None and not band.keeps(sample["scores"]):
-        return None
+def pair_row(sample: dict, min_gap: float) -> dict | None:
+    """A preference row from one prompt's scored replies, or None (tied, or the same text).
+    Empty replies take no part (a preference row needs two replies)."""
     kept = [(r, x) for r, x in zip(sample["replies"], sample["scores"], strict=True) if r]
     replies, scores = [r for r, _ in kept], [x for _, x in kept]
     picked = best_and_worst(scores, min_gap) if kept else None
@@ -214,14 +212,14 @@ def _write_pairs(out: Path, min_gap: float, k: int, band: PassBand | None = None
         if not path.exists():
             continue
         samples = [json.loads(line) for line in path.read_text().splitlines()]
-        pairs = [row for s in samples if (row := pair_row(s, min_gap, band)) is not None]
+        in_band = [s for s in samples if band is None or band.keeps(s["scores"])]
+        pairs = [row for s in in_band if (row := pair_row(s, min_gap)) is not None]
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(row) + "\n" for row in pairs))
         tmp.replace(out / f"{split}.jsonl")
         prefix = "" if split == "train" else "eval_"
         metrics[f"{prefix}prompts"] = len(samples)
         metrics[f"{prefix}pairs"] = len(pairs)
-        in_band = [s for s in samples if band is None or band.keeps(s["scores"])]
         metrics[f"{prefix}ties_skipped"] = len(in_band) - len(pairs)
         if band is not None:
             metrics[f"{prefix}band/kept_share"] = len(in_band) / max(len(samples), 1)
