@@ -51,7 +51,8 @@ def posttrain_point(model_dir: Path, rows, beta: float, args, out: Path) -> floa
         use_cpu=not torch.cuda.is_available(), bf16=models.compute_dtype("auto") == torch.bfloat16,
         report_to="none", save_strategy="no", disable_tqdm=True, activation_checkpointing=False,
     )  # fmt: skip
-    model = models.load_model(str(model_dir), cfg, trained=True)  # as the pipeline loads a fully trained policy
+    # as the pipeline loads a fully trained policy
+    model = models.load_model(str(model_dir), cfg, dtype=models.weights_dtype(cfg.dtype, trained=True))
     start = time.perf_counter()
     inputs = TrainerInputs(
         cfg=stage, model=model, ref_model=None, tokenizer=models.load_tokenizer(str(model_dir), cfg),

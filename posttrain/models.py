@@ -175,18 +175,17 @@ def load_model(
     kind: str = "causal_lm",
     quantize_4bit: bool = False,
     pad_token_id: int | None = None,
-    trained: bool = False,
     dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """A causal LM, or (kind `reward`) the same weights under a scalar sequence-classification head
     (a new head when `source` is a causal LM); `quantize_4bit`: NF4 weights for QLoRA (CUDA only);
-    `trained`: every weight is updated by a plain (not DeepSpeed) trainer (see weights_dtype);
-    `dtype`: load in this dtype instead."""
+    `dtype`: the weights' dtype (default: model.dtype's for weights no trainer updates; a trained
+    policy's is stage_run.trained_dtype)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = dict(
         revision=_revision(source, cfg),
-        dtype=dtype or weights_dtype(cfg.dtype, trained),
+        dtype=dtype or weights_dtype(cfg.dtype, trained=False),
         attn_implementation=cfg.attn_implementation,
     )
     if quantize_4bit:
