@@ -52,6 +52,37 @@ def registry_shape(size: str) -> dict | None:
     return {k: v for k, v in shape.items() if v is not None} if shape else None
 
 
+def stage_trainer(cfg, name: str, model_dir: Path, rows: list[dict], out: Path, extra_args: dict):
+    """Stage `name`'s trainer on `rows` as posttrain/stage_run.py's train_stage builds it: training
+    arguments for the device (with `extra_args`), the policy in its trained dtype, the stage's
+    reward sources and optimizer."""
+    from datasets import Dataset
+
+    from posttrain import models
+    from posttrain.rewards import load_rewards
+    from posttrain.stage_run import trained_dtype, use_stage_optimizer
+    from posttrain.stages import STAGES
+    from posttrain.stages.base import TrainerInputs, training_args
+
+    stage = cfg.stages[name]
+    spec = STAGES[stage.method]
+    tokenizer = models.load_tokenizer(str(model_dir), cfg.model)
+    train_args = training_args(spec, stage, cfg, out) | extra_args
+    model = models.load_model(
+        str(model_dir), cfg.model, pad_token_id=tokenizer.pad_token_id, dtype=trained_dtype(stage, cfg)
+    )
+    reward = None
+    if spec.uses_reward:
+        reward = load_rewards(stage.reward, stage.reward_weights, f"{name}.reward", {}, cfg.model, tokenizer)
+    inputs = TrainerInputs(
+        cfg=stage, model=model, ref_model=None, tokenizer=tokenizer, train_dataset=Dataset.from_list(rows),
+        eval_dataset=None, args=train_args, peft_config=None, reward=reward,
+    )  # fmt: skip
+    trainer = spec.make_trainer(inputs)
+    use_stage_optimizer(trainer, stage, train_args)
+    return trainer
+
+
 def build_model(size: str, folder: Path, seq: int) -> Path:
     """A random-init model of `size` with the built-in tokenizer (its few hundred tokens; the
     embedding has the size's vocabulary): a Llama of SIZES, or a registry model's shape built

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SIZE_HELP, build_model, report
+from common import SIZE_HELP, build_model, report, stage_trainer
 
 RUNS = ("posttrain", "trl")
 
@@ -89,33 +89,6 @@ def posttrain_config(model_dir: Path, args):
         "align.checkpoint_steps=0",
     ]
     return load_config(compose_tree(overrides))
-
-
-def posttrain_trainer(model_dir: Path, rows, cfg, out: Path):
-    """The `grpo` stage's trainer as the pipeline builds it (posttrain/stage_run.py train_stage)."""
-    from datasets import Dataset
-
-    from posttrain import models
-    from posttrain.rewards import load_rewards
-    from posttrain.stage_run import trained_dtype, use_stage_optimizer
-    from posttrain.stages import STAGES
-    from posttrain.stages.base import TrainerInputs, training_args
-
-    stage = cfg.stages["align"]
-    spec = STAGES[stage.method]
-    tokenizer = models.load_tokenizer(str(model_dir), cfg.model)
-    train_args = training_args(spec, stage, cfg, out) | {"disable_tqdm": True}
-    model = models.load_model(
-        str(model_dir), cfg.model, pad_token_id=tokenizer.pad_token_id, dtype=trained_dtype(stage, cfg)
-    )
-    inputs = TrainerInputs(
-        cfg=stage, model=model, ref_model=None, tokenizer=tokenizer,
-        train_dataset=Dataset.from_list(rows), eval_dataset=None, args=train_args, peft_config=None,
-        reward=load_rewards(stage.reward, stage.reward_weights, "align.reward", {}, cfg.model, tokenizer),
-    )  # fmt: skip
-    trainer = spec.make_trainer(inputs)
-    use_stage_optimizer(trainer, stage, train_args)
-    return trainer
 
 
 def builtin_checker(prompts, completions, **kwargs) -> list[float]:
@@ -208,7 +181,8 @@ def main() -> None:
         stage = cfg.stages["align"]  # TRL takes its sampling and batch settings from posttrain's stage
         for run in runs:  # in the order given (`--runs trl,posttrain` checks that order does not matter)
             if run == "posttrain":
-                trainer = posttrain_trainer(model_dir, rows, cfg, folder / "posttrain")
+                # the `grpo` stage's trainer as the pipeline builds it
+                trainer = stage_trainer(cfg, "align", model_dir, rows, folder / "posttrain", {"disable_tqdm": True})
                 name = "posttrain grpo"
                 notes[name] = (
                     f"{str(trainer.model.dtype).removeprefix('torch.')} weights, bf16={trainer.args.bf16}, "

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SIZE_HELP, build_model, conversations, report
+from common import SIZE_HELP, build_model, conversations, report, stage_trainer
 
 RUNS = ("posttrain", "raw", "trl_tuned", "trl_default")
 
@@ -84,14 +84,8 @@ def clock(warmup: int, budget: float):
 
 def posttrain_trainer(model_dir: Path, rows, args, out: Path):
     """The `sft` stage as `posttrain` builds it, from the composed default config."""
-    from datasets import Dataset
-
-    from posttrain import models
     from posttrain.cli import compose_tree
     from posttrain.plan import load_config
-    from posttrain.stage_run import trained_dtype, use_stage_optimizer
-    from posttrain.stages import STAGES
-    from posttrain.stages.base import TrainerInputs, training_args
 
     overrides = [
         f"model.path={model_dir}",
@@ -104,19 +98,8 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
         "sft.logging_steps=1",
     ]
     cfg = load_config(compose_tree(overrides))
-    stage = cfg.stages["sft"]
-    tokenizer = models.load_tokenizer(str(model_dir), cfg.model)
-    train_args = training_args(STAGES[stage.method], stage, cfg, out) | {
-        "include_num_input_tokens_seen": "non_padding",
-        "disable_tqdm": True,
-    }
-    model = models.load_model(str(model_dir), cfg.model, dtype=trained_dtype(stage, cfg))
-    inputs = TrainerInputs(
-        cfg=stage, model=model, ref_model=None, tokenizer=tokenizer,
-        train_dataset=Dataset.from_list(rows), eval_dataset=None, args=train_args, peft_config=None,
-    )  # fmt: skip
-    trainer = STAGES["sft"].make_trainer(inputs)
-    use_stage_optimizer(trainer, stage, train_args)
+    extra = {"include_num_input_tokens_seen": "non_padding", "disable_tqdm": True}
+    trainer = stage_trainer(cfg, "sft", model_dir, rows, out, extra)
     return trainer, cfg
 
 
