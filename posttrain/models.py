@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posttrain import chat_templates
+from posttrain import chat_templates, checkpoints
 from posttrain.config import ConfigError
 from posttrain.data.builtin import TaskSpec, generated_key, sample_text
 
@@ -97,9 +97,10 @@ def build_tiny(cfg: ModelConfig, folder: Path) -> None:
 
 
 def base_model_source(cfg: ModelConfig, cache_dir: Path) -> str:
-    """What `from_pretrained` should load: a hub id, a local folder, or the built tiny model's folder."""
+    """What `from_pretrained` should load: a hub id, a local folder, a GGUF file's converted folder,
+    or the built tiny model's folder."""
     if cfg.path != TINY:
-        return cfg.path
+        return checkpoints.resolve(cfg, cache_dir)
     # The tokenizer is trained on built-in task text: a new generator means a new model.
     folder = cache_dir / "models" / f"tiny-{generated_key(cfg.tiny.__dict__)}"
     if not (folder / "config.json").exists():

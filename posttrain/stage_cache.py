@@ -13,16 +13,14 @@ was trained, so a sweep or a re-run in a new folder finds it.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain import artifacts, rewards
-from posttrain.artifacts import hash_json
+from posttrain import artifacts, checkpoints, rewards
+from posttrain.artifacts import file_digest, hash_json
 from posttrain.config import STAGE_PREFIX, Config, ConfigError, DataSource, ModelConfig, StageConfig, planned_world_size
 from posttrain.data.builtin import GENERATOR_VERSION, TaskSpec
 from posttrain.data.files import data_files
@@ -61,21 +59,6 @@ KEY_OMITS_AT = {
 # --- data fingerprints ------------------------------------------------------------------
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, computed once per process for a given size and modification time."""
-    stat = path.stat()
-    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.cache
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def data_fingerprint(src: DataSource, builtin: TaskSpec, keys: dict[str, str] | None = None) -> str:
     """A hash of the data settings and of the rows' content, computed without loading them.
 
@@ -104,10 +87,12 @@ def data_fingerprint(src: DataSource, builtin: TaskSpec, keys: dict[str, str] | 
 
 
 def base_key(model: ModelConfig) -> str:
-    """What names the base weights: hub id or folder (with revision), or the tiny model's settings."""
-    identity = {"path": model.path, "revision": model.revision}
+    """What names the base weights: hub id or folder (with revision), a GGUF file's content, or the
+    tiny model's settings."""
     if model.path.startswith("builtin:"):
-        identity["tiny"] = dataclasses.asdict(model.tiny)
+        identity = {"path": model.path, "revision": model.revision, "tiny": dataclasses.asdict(model.tiny)}
+    else:
+        identity = checkpoints.identity(model)
     return hash_json({"base": identity, "version": KEY_VERSION})
 
 

@@ -33,6 +33,10 @@ def test_every_option_composes_and_validates(group, option):
         overrides = [f"+pairs@pairs={option}", "run.stages=[sft,pairs,align]", "align.data={path:'stage:pairs'}"]
     if (group, option) == ("sft", "none"):
         overrides.append("align.init_from=base")  # nothing to start from otherwise
+    if group == "model" and option != "tiny":  # the default recipe's settings are the tiny model's
+        with pytest.raises(ConfigError, match=r"^model.path: .* is not the built-in tiny model, but recipe tiny_sft"):
+            load_config(compose_tree(overrides))
+        overrides.append("recipe=smollm2_sft_dpo")
     if (group, option) == ("peft", "qlora") and not QLORA_HERE:
         with pytest.raises(ConfigError, match="^peft.method: qlora needs "):
             load_config(compose_tree(overrides))
@@ -110,6 +114,14 @@ BAD = [
         ["sft.eval.exact_match=false", "sft.gate.min_exact_match=0.5"],
         "sft.gate.min_exact_match: needs sft.eval.exact_match",
     ),
+    (
+        ["model.path=/tmp"],
+        "model.path: /tmp is not the built-in tiny model, but recipe tiny_sft_dpo's learning rates and epochs are "
+        "tuned for it; use a recipe for pretrained models (qwen2_5_0_5b_sft_orpo, smollm2_sft, smollm2_sft_dpo, "
+        "smollm2_sft_grpo, zephyr_sft_dpo)",
+    ),
+    (["recipe=smollm2_sft_dpo", "model=tiny"], "recipe smollm2_sft_dpo is tuned for pretrained models; use one of"),
+    (["run.tuned_for=small"], "run.tuned_for: 'small' is not one of tiny, pretrained, null"),
     (["sweep.direction=up"], "sweep.direction: 'up' is not one of ('maximize', 'minimize')"),
     (["sweep.objective=dpo.exact_match"], "sweep.objective: 'dpo' is not a stage; allowed: base, sft, align"),
     (
