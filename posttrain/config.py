@@ -571,7 +571,8 @@ class RunConfig:
 
 @dataclass
 class SweepConfig:
-    # `<stage>.<metric>` that picks the best run of a sweep (a summary column or metric key)
+    # `<stage>.<metric>` that picks the best run of a sweep (a summary column or metric key); a
+    # stage that does not run hands it to the last stage that does (plan.chain_objective)
     objective: str = "align.exact_match"
     direction: str = "maximize"
 
@@ -591,10 +592,13 @@ class Config:
     launcher: LauncherConfig
     logger: LoggerConfig
     sweep: SweepConfig
-    # stage name -> its config, in chain order; stages whose method is `none` are left out
+    # stage name -> its config, in chain order; stages whose method is `none`, and stage sections
+    # left out of run.stages, are not in it
     stages: dict[str, StageConfig]
     # stage name -> why `per_device_train_batch_size: auto` chose its number (for the plan)
     auto_batches: dict[str, str] = field(default_factory=dict)
+    # what loading the config decided on its own (a sweep objective moved), printed with the plan
+    notes: list[str] = field(default_factory=list)
 
 
 # --- batches and processes --------------------------------------------------------------

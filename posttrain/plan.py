@@ -196,24 +196,33 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
             f"{stage.init_from!r} is not a stage that runs before {name!r}; allowed: {', '.join(allowed)}",
         )
         stages[name] = stage
-    for name, section in tree.items():
-        is_stage = isinstance(section, dict) and "method" in section
-        require(is_stage, name, unknown_key(name, [*sections, *run.stages]))
-        require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
+    # stage sections left out of run.stages are not part of the chain and are not checked
+    left_out = [name for name, section in tree.items() if isinstance(section, dict) and "method" in section]
+    for name in tree:
+        require(name in left_out, name, unknown_key(name, [*sections, *run.stages, *left_out]))
     require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
     check_chain(stages, built["peft"])
-    objective_stage = built["sweep"].objective.split(".")[0]
-    require(
-        objective_stage in ["base", *run.stages],
-        "sweep.objective",
-        f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
-    )
-    cfg = Config(stages=stages, **built)
+    objective, note = chain_objective(built["sweep"].objective, list(stages), [*run.stages, *left_out])
+    built["sweep"].objective = objective
+    cfg = Config(stages=stages, **built, notes=[note] if note else [])
     resolve_auto_batches(cfg)
     resolve_batches(stages, planned_world_size(built["launcher"]))
     if on_launch_node:
         check_distributed(cfg)
     return cfg
+
+
+def chain_objective(objective: str, chain: list[str], sections: list[str]) -> tuple[str, str | None]:
+    """sweep.objective as runs are ranked by it, and a note when it moved: a stage section that
+    does not run (left out of run.stages, or method none) hands its metric to the last stage that
+    runs. A stage that no section defines is an error."""
+    stage, _, metric = objective.partition(".")
+    known = ["base", *sections]
+    require(stage in known, "sweep.objective", f"{stage!r} is not a stage; allowed: {', '.join(known)}")
+    if stage in ["base", *chain]:
+        return objective, None
+    ranked = f"{chain[-1]}.{metric}"
+    return ranked, f"sweep.objective: {stage} does not run; runs are ranked by {ranked}"
 
 
 def resolve_auto_batches(cfg: Config, capacity: float | None = None) -> None:
@@ -379,7 +388,8 @@ def describe_data(data: DataSource) -> str:
 def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, ...] = ()) -> str:
     """The stage chain as it will run, one line per stage, and which stages are reused or resumed;
     `notes` (from check_references) under the run folder."""
-    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", *(f"note: {n}" for n in notes)]
+    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}"]
+    lines += [f"note: {n}" for n in [*cfg.notes, *notes]]
     lines += [*plan_lines(cfg), "stages:"]
     world = planned_world_size(cfg.launcher)
     index = StageIndex(cfg.run.cache_path)

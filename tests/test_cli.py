@@ -41,6 +41,14 @@ def test_plan_prints_the_chain_and_trains_nothing(tmp_path):
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_plan_of_sft_alone_plans_one_stage_in_one_try(tmp_path):
+    proc = posttrain("plan=true", "run.stages=[sft]", f"run.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    stages = proc.stdout.split("stages:\n")[1]
+    assert stages.startswith("  sft: sft from base") and "align" not in stages
+    assert "note: sweep.objective: align does not run; runs are ranked by sft.exact_match" in proc.stdout
+
+
 def test_plan_shows_a_mixture_with_its_weights(tmp_path):
     sources = "[{path: builtin:sft, weight: 3}, {path: builtin:sft, split: test, rows: 50}]"
     proc = posttrain("plan=true", "data.sft.path=null", f"+data.sft.sources={sources}")

@@ -54,6 +54,35 @@ def test_chains_users_write_load(overrides, chain):
     assert [f"{name}:{stage.method}" for name, stage in cfg.stages.items()] == chain
 
 
+def test_a_chain_of_sft_alone_runs_it_and_ranks_sweeps_by_it():
+    """run.stages=[sft] alone: the align section left out is not checked, and sweep.objective
+    (align.exact_match) moves to the last stage that runs, with a note in the plan."""
+    for overrides in (["run.stages=[sft]"], ["align=none"], ["run.stages=[sft]", "align.init_from=nowhere"]):
+        cfg = load(*overrides)
+        assert list(cfg.stages) == ["sft"] and cfg.sweep.objective == "sft.exact_match"
+        assert cfg.notes == ["sweep.objective: align does not run; runs are ranked by sft.exact_match"]
+    kept = load("run.stages=[sft]", "sweep.objective=base.exact_match")
+    assert kept.sweep.objective == "base.exact_match" and kept.notes == []
+    assert load("sweep.objective=sft.response_loss").sweep.objective == "sft.response_loss"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.stages=[sft]", "+algn.beta=0.1"], "algn: unknown key; did you mean align?"),
+        (["run.stages=[sft]", "+sfft.learning_rate=1"], "sfft: unknown key; did you mean sft?"),
+        (
+            ["run.stages=[sft]", "sweep.objective=dpo.exact_match"],
+            "sweep.objective: 'dpo' is not a stage; allowed: base, sft, align",
+        ),
+    ],
+)
+def test_a_section_or_objective_that_is_no_stage_is_still_an_error(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load(*overrides)
+    assert str(e.value) == message
+
+
 def test_ipo_is_dpo_with_the_ipo_loss():
     assert load("align=ipo").stages["align"].loss_type == ["ipo"]
 
