@@ -295,6 +295,8 @@ class StageConfig:
     data: DataSource = field(default_factory=DataSource)
     learning_rate: float = 1e-5
     num_train_epochs: float = 1.0
+    # optimizer steps (-1: num_train_epochs); the stage keeps only the train rows they read
+    # (posttrain.stages.max_steps_rows)
     max_steps: int = -1
     # sequences per device per step, or auto: the largest that fits the device's memory by the
     # memory plan (needs global_batch_size, which it keeps; resolved when the config loads)

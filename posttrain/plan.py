@@ -43,7 +43,7 @@ from posttrain.launch import read_hostfile
 from posttrain.optim import BF16_OPTIMIZERS
 from posttrain.rewards import check_reward_spec, import_function, reward_specs
 from posttrain.stage_cache import StageIndex, place_stage
-from posttrain.stages import STAGES, load_plugins
+from posttrain.stages import STAGES, load_plugins, max_steps_rows
 from posttrain.stages.base import check_trainer_args
 
 # --- the chain as a whole ---------------------------------------------------------------
@@ -402,6 +402,8 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
         model_of[name] = parent if spec.model_kind == "none" else name
         micro, accum = stage.per_device_train_batch_size, stage.gradient_accumulation_steps
         length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
+        if (rows := max_steps_rows(stage, world)) is not None:
+            length += f" (keeps {rows} train rows, what they read)"
         reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
         peft = stage_peft(stage, cfg.peft)
         adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""

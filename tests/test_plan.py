@@ -142,9 +142,11 @@ def test_qlora_without_a_gpu_is_a_plan_time_error(overrides):
 
 def test_iterative_dpo_with_its_reference_pinned_to_sft(tmp_path, cache_dir, capfd):
     """sft -> dpo -> dpo where the second DPO starts from the first and compares with SFT: it loads
-    the SFT model as its reference and reuses the SFT log-probs the first DPO computed."""
+    the SFT model as its reference and reuses the SFT log-probs the first DPO computed (both read
+    the same 96 rows: align's 6 steps x 16, align2's 4 x 24)."""
     out = tmp_path / "run"
-    second = ["align2.reference=sft", "align2.max_steps=4", "align2.learning_rate=3e-4", "align2.max_length=128"]
+    second = ["align2.reference=sft", "align2.max_steps=4", "align2.per_device_train_batch_size=24"]
+    second += ["align2.learning_rate=3e-4", "align2.max_length=128"]
     overrides = [*FAST, *SECOND_DPO, *second, f"run.output_dir={out}", f"run.cache_dir={cache_dir}"]
     cfg = load_config(compose_tree(overrides))
     assert run_pipeline(cfg)["status"] == "complete"
