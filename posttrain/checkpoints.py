@@ -151,7 +151,7 @@ def from_gguf(gguf: Path, cache_dir: Path) -> Path:
 
 def check(model: ModelConfig, cache_dir: Path) -> list[str]:
     """Plan time: a package file is installed (or its hub id reachable), a GGUF file is readable
-    (unless converted already), a local folder holds a whole model. Returns notes for the plan."""
+    (unless converted already). Returns notes for the plan."""
     path = weights_file(model)
     local = Path(path).expanduser()
     notes = []
@@ -159,11 +159,8 @@ def check(model: ModelConfig, cache_dir: Path) -> list[str]:
         found = path != model.hub_id
         via = f"the installed file {path}" if found else f"not installed: loading {model.hub_id} from the hub instead"
         notes.append(f"model.path: {model.path} is {via}")
-    if is_gguf(path) and local.is_file():
-        if read_manifest(converted_folder(local, cache_dir)) is None:
-            gguf_header(local)
-    elif local.is_dir() and (local / "config.json").is_file():
-        check_folder(local)
+    if is_gguf(path) and local.is_file() and read_manifest(converted_folder(local, cache_dir)) is None:
+        gguf_header(local)
     return notes
 
 

@@ -28,7 +28,7 @@ from posttrain.pipeline import check_writable, run_pipeline
 from posttrain.plan import check_references, check_writable_folder, load_config, plan_text
 from posttrain.preemption import EXIT_PREEMPTED, Preempted
 from posttrain.report import show
-from posttrain.report.sweep import objective_value, write_report
+from posttrain.report.sweep import objective_value, ranked_objective, write_report
 from posttrain.secrets import redact, scrub_file
 from posttrain.stage_cache import check_run_folder, stage_keys
 
@@ -140,7 +140,8 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if sweep_dir.is_dir() and not config.run.plan:
-            print(write_report(sweep_dir, str(config.sweep.objective), str(config.sweep.direction)), flush=True)
+            objective = ranked_objective(sweep_dir, str(config.sweep.objective))
+            print(write_report(sweep_dir, objective, str(config.sweep.direction)), flush=True)
             print(f"[posttrain] sweep table: {sweep_dir / 'sweep.md'} (and sweep.csv, sweep.png)", flush=True)
 
 
@@ -176,6 +177,7 @@ def load(tree: DictConfig) -> tuple[Config, dict]:
         cfg.origins = origins(choices, list(hydra_cfg.overrides.task), list(cfg.stages))
     for name in cfg.auto_batches:  # workers (on any node) train with the number chosen here
         container[name]["per_device_train_batch_size"] = cfg.stages[name].per_device_train_batch_size
+    container["sweep"]["objective"] = cfg.sweep.objective  # as the run is ranked (the sweep report reads it)
     return cfg, container
 
 
@@ -188,8 +190,9 @@ def _scrub_hydra_files() -> None:
             scrub_file(path)
 
 
-def run(tree: DictConfig) -> dict | None:
-    """Validate and run a composed config (also callable from Python with a composed tree).
+def run(tree: DictConfig) -> tuple[Config, dict | None]:
+    """Validate and run a composed config (also callable from Python with a composed tree): the
+    validated config and the run's summary (None for a plan, or a sweep point its gate stopped).
 
     Exits with one line for a mistake, and with EXIT_PREEMPTED (75) after SIGTERM/SIGUSR1
     saved a checkpoint: the same command resumes.
@@ -201,7 +204,7 @@ def run(tree: DictConfig) -> dict | None:
         check_run_folder(cfg, keys)
         print(plan_text(cfg, keys, notes), flush=True)
         if cfg.run.plan:
-            return None
+            return cfg, None
         out = cfg.run.output_path
         check_writable(out)
         _scrub_hydra_files()
@@ -214,13 +217,11 @@ def run(tree: DictConfig) -> dict | None:
                 # workers on other nodes read the frozen file: every path in it absolute
                 container["run"].update(output_dir=str(out), cache_dir=str(cfg.run.cache_path))
             OmegaConf.save(OmegaConf.create(redact(container)), out / "resolved.yaml")
-            if workers:
-                return run_in_workers(cfg, out / "resolved.yaml")
-            return run_pipeline(cfg)
+            return cfg, run_in_workers(cfg, out / "resolved.yaml") if workers else run_pipeline(cfg)
     except PosttrainError as e:
         if isinstance(e, GateError) and _in_sweep():  # the sweep goes on; its table shows this run as stopped
             print(f"error: {e}", file=sys.stderr, flush=True)
-            return None
+            return cfg, None
         sys.exit(f"error: {e}")
     except Preempted as e:
         print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
@@ -246,9 +247,10 @@ def run_in_workers(cfg: Config, resolved: Path) -> dict | None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(tree: DictConfig) -> float | None:
-    """Returns sweep.objective's value: what an Optuna sweep (hydra/sweeper=posttrain_optuna) optimises."""
-    summary = run(tree)
-    return objective_value(summary, str(tree.sweep.objective)) if summary else None
+    """Returns sweep.objective's value (as load_config resolved it): what an Optuna sweep
+    (hydra/sweeper=posttrain_optuna) optimises."""
+    cfg, summary = run(tree)
+    return objective_value(summary, cfg.sweep.objective) if summary else None
 
 
 def compose_tree(overrides: list[str], resolve: bool = True) -> dict:

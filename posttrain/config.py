@@ -300,6 +300,8 @@ class StageConfig:
     data: DataSource = field(default_factory=DataSource)
     learning_rate: float = 1e-5
     num_train_epochs: float = 1.0
+    # optimizer steps (-1: num_train_epochs); the stage keeps only the train rows they read
+    # (posttrain.stages.max_steps_rows)
     max_steps: int = -1
     # sequences per device per step, or auto: the largest that fits the device's memory by the
     # memory plan (needs global_batch_size, which it keeps; resolved when the config loads)
@@ -583,7 +585,8 @@ class RunConfig:
 
 @dataclass
 class SweepConfig:
-    # `<stage>.<metric>` that picks the best run of a sweep (a summary column or metric key)
+    # `<stage>.<metric>` that picks the best run of a sweep (a summary column or metric key); a
+    # stage that does not run hands it to the last stage that does (plan.chain_objective)
     objective: str = "align.exact_match"
     direction: str = "maximize"
 
@@ -603,12 +606,15 @@ class Config:
     launcher: LauncherConfig
     logger: LoggerConfig
     sweep: SweepConfig
-    # stage name -> its config, in chain order; stages whose method is `none` are left out
+    # stage name -> its config, in chain order; stages whose method is `none`, and stage sections
+    # left out of run.stages, are not in it
     stages: dict[str, StageConfig]
     # stage name -> why `per_device_train_batch_size: auto` chose its number (for the plan)
     auto_batches: dict[str, str] = field(default_factory=dict)
     # stage name -> field -> where its value came from (posttrain/origins.py; for the plan)
     origins: dict[str, dict[str, str]] = field(default_factory=dict)
+    # what loading the config decided on its own (a sweep objective moved), printed with the plan
+    notes: list[str] = field(default_factory=list)
 
 
 # --- batches and processes --------------------------------------------------------------

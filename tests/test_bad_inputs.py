@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from posttrain import cli
-from tests.conftest import posttrain_argv
+from tests.conftest import ANY_MODEL, posttrain_argv
 
 ROW = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}
 PAIR = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"}
@@ -30,14 +30,16 @@ def lines(*rows) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
-def file(name: str, content: str | bytes, key: str = "data.sft.path") -> Callable[[Path], list[str]]:
-    """Overrides that point `key` at a file `name` holding `content`."""
+def file(
+    name: str, content: str | bytes, key: str = "data.sft.path", extra: tuple[str, ...] = ()
+) -> Callable[[Path], list[str]]:
+    """Overrides that point `key` at a file `name` holding `content` (and `extra` ones)."""
 
     def make(d: Path) -> list[str]:
         path = d / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        return [f"{key}={path}"]
+        return [*extra, f"{key}={path}"]
 
     return make
 
@@ -100,9 +102,9 @@ BAD: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("stage without a section", args("run.stages=[sft,nope]"), "error: run.stages: 'nope' has no config section"),
     ("sweep objective", args("sweep.objective=nope.exact_match"), "error: sweep.objective: 'nope' is not a stage"),
     ("stage: data of no stage", args("data.preference.path=stage:pairs"), "error: align.data.path: 'pairs' is not an earlier data stage"),
-    ("model folder missing", args("model.path=/no/such/model"), "error: model.path: '/no/such/model' does not exist"),
-    ("model path is a file", file("model.bin", "x", key="model.path"), "is a file; give the model's folder (config.json, weights) or a hub id"),
-    ("model folder without config", args("model.path={d}"), "holds no config.json; not a model folder"),
+    ("model folder missing", args(ANY_MODEL, "model.path=/no/such/model"), "error: model.path: '/no/such/model' does not exist"),
+    ("model path is a file", file("model.bin", "x", key="model.path", extra=(ANY_MODEL,)), "is a file; give the model's folder (config.json, weights), a .gguf file or a hub id"),
+    ("model folder without config", args(ANY_MODEL, "model.path={d}"), "holds no config.json; not a model folder"),
     ("hostfile missing", args("launcher=deepspeed", "launcher.hostfile=/no/such/hostfile"), "error: launcher.hostfile: /no/such/hostfile does not exist"),
     ("hostfile is a folder", args("launcher=deepspeed", "launcher.hostfile={d}"), "is a folder; give the hostfile in it"),
     ("hostfile line", deepspeed_hostfile("node-0 slots=eight\n"), "hosts line 1: 'node-0 slots=eight' is not `host slots=N`"),

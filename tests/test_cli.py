@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import ANY_MODEL
+
 
 def posttrain(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, timeout=120)
@@ -18,7 +20,10 @@ def test_help_lists_groups_and_recipes():
     assert proc.returncode == 0
     assert "align: cpo, dpo, grpo, ipo, kto, none, orpo, rm, simpo" in proc.stdout
     assert "pairs: onpolicy" in proc.stdout
-    recipes = "qwen2_5_0_5b_sft_orpo, tiny_sft_dpo, tiny_sft_grpo, tiny_sft_onpolicy_dpo, tiny_sft_orpo, zephyr_sft_dpo"
+    recipes = (
+        "qwen2_5_0_5b_sft_orpo, smollm2_sft, smollm2_sft_dpo, smollm2_sft_grpo, tiny_sft_dpo, tiny_sft_grpo, "
+        "tiny_sft_onpolicy_dpo, tiny_sft_orpo, zephyr_sft_dpo"
+    )
     assert f"recipe: {recipes}" in proc.stdout
 
 
@@ -39,6 +44,14 @@ def test_plan_prints_the_chain_and_trains_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "sft: sft from base, data builtin:sft [train]" in proc.stdout and "align: dpo from sft" in proc.stdout
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_plan_of_sft_alone_plans_one_stage_in_one_try(tmp_path):
+    proc = posttrain("plan=true", "run.stages=[sft]", f"run.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    stages = proc.stdout.split("stages:\n")[1]
+    assert stages.startswith("  sft: sft from base") and "align" not in stages
+    assert "note: sweep.objective: align does not run; runs are ranked by sft.exact_match" in proc.stdout
 
 
 def test_plan_shows_a_mixture_with_its_weights(tmp_path):
@@ -97,7 +110,14 @@ def test_unknown_trainer_arg_is_caught_at_plan_time():
 def test_a_hub_model_that_is_neither_reachable_nor_cached_stops_the_run_at_plan_time(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")}
     env["HF_HUB_CACHE"] = str(tmp_path / "hub")  # an empty hub cache
-    argv = [sys.executable, "-m", "posttrain.cli", "model=qwen2_5_0_5b", f"run.output_dir={tmp_path / 'run'}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "posttrain.cli",
+        ANY_MODEL,
+        "model=qwen2_5_0_5b",
+        f"run.output_dir={tmp_path / 'run'}",
+    ]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 1
     assert run.stderr.strip() == (

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from posttrain import memory
 from posttrain.config import ArchitectureConfig
 from posttrain.plan import load_config
-from tests.conftest import REPO, compose_tree
+from tests.conftest import ANY_MODEL, REPO, compose_tree
 
 GIB = 2**30
 
@@ -81,7 +81,7 @@ def test_auto_checkpointing_turns_on_where_a_gpu_could_not_hold_the_activations(
     tmp_path, gpu_80gib, model, overrides, on
 ):
     source = config_folder(tmp_path, "model", model)
-    cfg = load_config(compose_tree([f"model.path={source}", "sft.max_length=2048", *overrides]))
+    cfg = load_config(compose_tree([ANY_MODEL, f"model.path={source}", "sft.max_length=2048", *overrides]))
     decided, why = memory.activation_checkpointing(cfg.stages["sft"], cfg, "sft", source)
     assert decided is on, why
     assert why.endswith("85% of 80.0 GiB")
@@ -91,7 +91,7 @@ def test_auto_checkpointing_counts_both_replies_of_a_pair(tmp_path, gpu_80gib):
     """DPO's forward runs chosen and rejected together: the batch that fits SFT does not fit DPO."""
     source = config_folder(tmp_path, "model", QWEN_05B)
     both = ["sft.per_device_train_batch_size=8", "align.per_device_train_batch_size=8", "align.max_length=2048"]
-    cfg = load_config(compose_tree([f"model.path={source}", "sft.max_length=2048", *both]))
+    cfg = load_config(compose_tree([ANY_MODEL, f"model.path={source}", "sft.max_length=2048", *both]))
     assert memory.activation_checkpointing(cfg.stages["sft"], cfg, "sft", source)[0] is False
     assert memory.activation_checkpointing(cfg.stages["align"], cfg, "preference", source)[0] is True
 
@@ -120,7 +120,9 @@ def test_plan_shows_the_auto_decision_on_a_gpu_machine(tmp_path, gpu_80gib):
 
     source = config_folder(tmp_path, "model", QWEN_05B)
     overrides = ["sft.per_device_train_batch_size=16", "sft.max_length=2048", "align.per_device_train_batch_size=4"]
-    cfg = load_config(compose_tree([f"model.path={source}", f"run.output_dir={tmp_path / 'run'}", *overrides]))
+    cfg = load_config(
+        compose_tree([ANY_MODEL, f"model.path={source}", f"run.output_dir={tmp_path / 'run'}", *overrides])
+    )
     lines = plan_text(cfg, stage_keys(cfg)).splitlines()
     checkpointing = [line.strip() for line in lines if "activation checkpointing" in line]
     assert checkpointing[0].startswith("activation checkpointing: on (model states and activations ~99.3 GiB >")
@@ -179,7 +181,7 @@ def test_every_registry_model_states_its_card_count():
 def test_registry_numbers_give_the_model_cards_parameter_count(entry):
     """The architecture numbers each registry entry carries (from the published config.json) give
     the parameter count its model card states: a typo in a number would not."""
-    arch = load_config(compose_tree([f"model={entry}"])).model.architecture
+    arch = load_config(compose_tree([ANY_MODEL, f"model={entry}"])).model.architecture
     total, _ = memory.parameter_counts(arch)
     stated = CARD_BILLIONS[entry]
     decimals = len(repr(stated).partition(".")[2])
@@ -194,7 +196,9 @@ def test_a_plan_estimates_every_registry_model_with_no_hub(entry, tmp_path, monk
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     hub.reachable.cache_clear()
-    cfg = load_config(compose_tree([f"model={entry}", "deepspeed=zero3", "launcher=deepspeed", "launcher.gpus=8"]))
+    cfg = load_config(
+        compose_tree([ANY_MODEL, f"model={entry}", "deepspeed=zero3", "launcher=deepspeed", "launcher.gpus=8"])
+    )
     memory_line = next(line for line in plan_lines(cfg) if line.startswith("memory:"))
     total = memory.parameter_counts(cfg.model.architecture)[0]
     assert memory_line.startswith(f"memory: {memory.count(total)} parameters; model states per GPU "), memory_line
@@ -211,7 +215,7 @@ def test_a_family_the_formula_does_not_know_is_counted_by_building_it(tmp_path):
     with torch.device("meta"):
         built = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000))
     total = sum(p.numel() for p in built.parameters())
-    cfg = load_config(compose_tree([f"model.path={tmp_path / 'gpt2'}"]))
+    cfg = load_config(compose_tree([ANY_MODEL, f"model.path={tmp_path / 'gpt2'}"]))
     assert memory.model_parameter_counts(cfg.model)[0] == total
     assert any(line.startswith(f"memory: {memory.count(total)} parameters") for line in plan_lines(cfg))
 
@@ -304,7 +308,7 @@ def test_plan_estimates_gpus_and_this_machines_cpu_workers(tmp_path, monkeypatch
     monkeypatch.setattr(memory, "gpu_devices_present", lambda: False)
     source = config_folder(tmp_path, "model", QWEN_05B)
     cfg = load_config(
-        compose_tree([f"model.path={source}", "deepspeed=zero2", "launcher=deepspeed", "launcher.gpus=2"])
+        compose_tree([ANY_MODEL, f"model.path={source}", "deepspeed=zero2", "launcher=deepspeed", "launcher.gpus=2"])
     )
     total = memory.parameter_counts(ArchitectureConfig.from_json(QWEN_05B.to_dict()))[0]
     assert model_state_estimate(cfg, on_gpu=True).per_gpu == 2 * total + 18 * total / 2

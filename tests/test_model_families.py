@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from posttrain import chat_templates, models
 from posttrain.pipeline import run_pipeline
 from posttrain.plan import load_config
-from tests.conftest import TWO_TURNS, assistant_tokens, compose_tree
+from tests.conftest import ANY_MODEL, TWO_TURNS, assistant_tokens, compose_tree
 
 # registry entry -> (config class, its extra fields, special tokens, bos, the base tokenizer's eos)
 FAMILIES = {
@@ -38,6 +38,7 @@ FAMILIES = {
     "phi3_mini": ("Phi3Config", {}, ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], None,
                   "<|endoftext|>"),
     "phi4": ("Phi3Config", {}, ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"], None, "<|endoftext|>"),
+    "smollm2_135m": ("LlamaConfig", {}, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>"),
 }  # fmt: skip
 
 STEPS = [
@@ -68,7 +69,7 @@ STEPS = [
 def build_family_model(entry: str, folder) -> dict:
     """A 2-layer random model of the family and its tokenizer, saved like a hub checkpoint."""
     config_name, extra, special, bos, eos = FAMILIES[entry]
-    registry = compose_tree([f"model={entry}"])["model"]
+    registry = compose_tree([ANY_MODEL, f"model={entry}"])["model"]
     pad = next(t for t in special if "pad" in t) if any("pad" in t for t in special) else eos
     tokenizer = models.train_tokenizer(
         320, special, eos=eos, pad=pad, bos=bos, chat_template=chat_templates.CHAT_TEMPLATES[registry["chat_template"]]
@@ -101,7 +102,7 @@ def family(request, tmp_path_factory):
 
 def test_registry_template_marks_the_reply_and_the_turn_end(family):
     entry, folder, registry = family
-    cfg = load_config(compose_tree([f"model={entry}", f"model.path={folder}"])).model
+    cfg = load_config(compose_tree([ANY_MODEL, f"model={entry}", f"model.path={folder}"])).model
     tok = models.load_tokenizer(str(folder), cfg)
     end = registry["eos_token"] or FAMILIES[entry][4]
     assert tok.eos_token == end and tok.pad_token is not None
@@ -113,7 +114,13 @@ def test_registry_template_marks_the_reply_and_the_turn_end(family):
 def test_one_sft_and_one_dpo_step_through_from_pretrained(family, tmp_path, cache_dir):
     entry, folder, _ = family
     out = tmp_path / "run"
-    overrides = [f"model={entry}", f"model.path={folder}", f"run.output_dir={out}", f"run.cache_dir={cache_dir}"]
+    overrides = [
+        ANY_MODEL,
+        f"model={entry}",
+        f"model.path={folder}",
+        f"run.output_dir={out}",
+        f"run.cache_dir={cache_dir}",
+    ]
     summary = run_pipeline(load_config(compose_tree([*overrides, *STEPS])))
     assert summary["status"] == "complete"
     before = load_file(str(folder / "model.safetensors"))

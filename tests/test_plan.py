@@ -17,14 +17,14 @@ from posttrain.config import ConfigError
 from posttrain.memory import ZERO3_MAX_LIVE, architecture, lora_parameters, parameter_counts
 from posttrain.pipeline import run_pipeline
 from posttrain.plan import load_config
-from tests.conftest import FAST, REPO, run_posttrain
+from tests.conftest import ANY_MODEL, FAST, REPO, run_posttrain
 
 HOSTFILE = REPO / "launch" / "hostfile.example"
 
 
 def config(*overrides: str, tmp_path: Path | None = None):
     run = [f"run.output_dir={tmp_path / 'run'}"] if tmp_path else []
-    return load_config(compose_tree([*run, *overrides]))
+    return load_config(compose_tree([ANY_MODEL, *run, *overrides]))
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,6 +52,35 @@ def load(*overrides: str):
 def test_chains_users_write_load(overrides, chain):
     cfg = load(*overrides)
     assert [f"{name}:{stage.method}" for name, stage in cfg.stages.items()] == chain
+
+
+def test_a_chain_of_sft_alone_runs_it_and_ranks_sweeps_by_it():
+    """run.stages=[sft] alone: the align section left out is not checked, and sweep.objective
+    (align.exact_match) moves to the last stage that runs, with a note in the plan."""
+    for overrides in (["run.stages=[sft]"], ["align=none"], ["run.stages=[sft]", "align.init_from=nowhere"]):
+        cfg = load(*overrides)
+        assert list(cfg.stages) == ["sft"] and cfg.sweep.objective == "sft.exact_match"
+        assert cfg.notes == ["sweep.objective: align does not run; runs are ranked by sft.exact_match"]
+    kept = load("run.stages=[sft]", "sweep.objective=base.exact_match")
+    assert kept.sweep.objective == "base.exact_match" and kept.notes == []
+    assert load("sweep.objective=sft.response_loss").sweep.objective == "sft.response_loss"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.stages=[sft]", "+algn.beta=0.1"], "algn: unknown key; did you mean align?"),
+        (["run.stages=[sft]", "+sfft.learning_rate=1"], "sfft: unknown key; did you mean sft?"),
+        (
+            ["run.stages=[sft]", "sweep.objective=dpo.exact_match"],
+            "sweep.objective: 'dpo' is not a stage; allowed: base, sft, align",
+        ),
+    ],
+)
+def test_a_section_or_objective_that_is_no_stage_is_still_an_error(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load(*overrides)
+    assert str(e.value) == message
 
 
 def test_ipo_is_dpo_with_the_ipo_loss():
@@ -113,9 +142,11 @@ def test_qlora_without_a_gpu_is_a_plan_time_error(overrides):
 
 def test_iterative_dpo_with_its_reference_pinned_to_sft(tmp_path, cache_dir, capfd):
     """sft -> dpo -> dpo where the second DPO starts from the first and compares with SFT: it loads
-    the SFT model as its reference and reuses the SFT log-probs the first DPO computed."""
+    the SFT model as its reference and reuses the SFT log-probs the first DPO computed (both read
+    the same 96 rows: align's 6 steps x 16, align2's 4 x 24)."""
     out = tmp_path / "run"
-    second = ["align2.reference=sft", "align2.max_steps=4", "align2.learning_rate=3e-4", "align2.max_length=128"]
+    second = ["align2.reference=sft", "align2.max_steps=4", "align2.per_device_train_batch_size=24"]
+    second += ["align2.learning_rate=3e-4", "align2.max_length=128"]
     overrides = [*FAST, *SECOND_DPO, *second, f"run.output_dir={out}", f"run.cache_dir={cache_dir}"]
     cfg = load_config(compose_tree(overrides))
     assert run_pipeline(cfg)["status"] == "complete"
@@ -196,7 +227,7 @@ def test_plan_of_a_7b_recipe_under_zero3_shows_batches_and_the_memory_estimate(t
         cache_dir=cache_dir,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    total, largest = parameter_counts(architecture(load_config(compose_tree([f"model.path={model}"])).model))
+    total, largest = parameter_counts(architecture(load_config(compose_tree([ANY_MODEL, f"model.path={model}"])).model))
     assert total == 6_738_415_616 and largest == 32000 * 4096
     gpu = 2 * ZERO3_MAX_LIVE + (2 + 2 + 16) * total / 32
     out = proc.stdout

@@ -20,8 +20,9 @@ def keys(*overrides: str) -> dict[str, str]:
 # must still be reused (a change here retrains every user's stages)
 PINNED = {
     "recipe=tiny_sft_dpo": {"base": "50b7bc43d3fcf5ee", "sft": "05e15efcdd1941f0", "align": "3145344baabd13e2"},
-    # tiny_sft_grpo's align key moved on purpose: its GRPO settings were tuned (conf/tuned/tiny_grpo.yaml)
-    "recipe=tiny_sft_grpo": {"base": "50b7bc43d3fcf5ee", "sft": "192ec2e3a3613ac2", "align": "b02c36702702c6b9"},
+    # tiny_sft_grpo's align key moved on purpose: its GRPO settings were tuned (conf/tuned/tiny_grpo.yaml),
+    # then its max_steps=300 came to keep only the 2400 prompts those steps read (max_steps_rows)
+    "recipe=tiny_sft_grpo": {"base": "50b7bc43d3fcf5ee", "sft": "192ec2e3a3613ac2", "align": "5ebedf7681617f6c"},
     "recipe=tiny_sft_onpolicy_dpo": {
         "base": "50b7bc43d3fcf5ee",
         "sft": "192ec2e3a3613ac2",

@@ -184,9 +184,11 @@ def load_stage_data(
     seed: int,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
+    step_rows: int | None = None,
 ) -> StageData:
-    """Train and held-out rows for one stage of `kind` (sft | preference | unpaired):
-    every source checked, held out, curated, then mixed; `report` says what each step did."""
+    """Train and held-out rows for one stage of `kind` (sft | preference | unpaired | prompt):
+    every source checked, held out, curated, then mixed, and at most `step_rows` train rows kept
+    (what the stage's max_steps read; None: all); `report` says what each step did."""
     from datasets import Dataset
 
     parts = []
@@ -203,8 +205,12 @@ def load_stage_data(
         sources = ", ".join(p.label for p in parts)
         raise DataError(f"{sources}: no train rows left after curation ({curated.removed_text(parts)})")
     train, used = mixture.mix(parts, data.max_rows, seed)
+    mixed = len(train)
+    train = mixture.cap(train, step_rows, seed)
     held_out = mixture.cap([row for p in parts for row in p.held_out], data.max_eval_rows, seed)
     report = curated.report(parts, used, len(train), len(held_out))
+    if step_rows is not None:
+        report.update(step_rows=step_rows, mixed_rows=mixed)
     origin = " + ".join(p.label for p in parts)
     return StageData(
         train=Dataset.from_list(train),

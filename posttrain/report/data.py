@@ -20,8 +20,11 @@ def format_report(stage: str, report: dict[str, Any]) -> str:
          s["kept"], s["used"]]
         for s in report["sources"]
     ]  # fmt: skip
+    train = f"{report['train_rows']} train rows"
+    if report.get("mixed_rows", 0) > report["train_rows"]:
+        train += f" (of {report['mixed_rows']}: what its max_steps read)"
     lines = [
-        f"data for {stage}: {report['train_rows']} train rows, {report['eval_rows']} held out, dedup {report['dedup']}",
+        f"data for {stage}: {train}, {report['eval_rows']} held out, dedup {report['dedup']}",
         markdown_table(header, [[str(c) for c in row] for row in rows]),
     ]
     if tokens := report.get("tokens"):

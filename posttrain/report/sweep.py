@@ -69,6 +69,17 @@ def collect(sweep_dir: Path) -> list[SweepRun]:
     return runs
 
 
+def ranked_objective(sweep_dir: Path, objective: str) -> str:
+    """The objective the runs were ranked by (each run's resolved.yaml holds it as load_config
+    resolved it: a stage that does not run hands it to the last that does) when they agree; else
+    `objective` as given."""
+    from omegaconf import OmegaConf
+
+    paths = sorted(sweep_dir.glob("*/resolved.yaml"))
+    ranked = {str(OmegaConf.load(path).sweep.objective) for path in paths}
+    return ranked.pop() if len(ranked) == 1 else objective
+
+
 def objective_column(objective: str) -> str:
     """`align.eval_rewards/accuracies` and `align.reward_acc` name the same column."""
     stage, _, metric = objective.partition(".")

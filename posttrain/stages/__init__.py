@@ -36,6 +36,16 @@ STAGES: dict[str, StageSpec] = dict(BUILTIN)
 PLUGINS: dict[str, str] = {}
 
 
+def max_steps_rows(stage: StageConfig, world: int) -> int | None:
+    """The train rows a stage keeps (a seeded sample, before anything is computed on them): what
+    its max_steps optimizer steps read on `world` processes. None: every row (it trains by epochs,
+    makes data, or its rows per step are not known before its trainer prepares them)."""
+    spec = STAGES[stage.method]
+    if stage.max_steps <= 0 or spec.make_trainer is None:
+        return None
+    return spec.rows_for_steps(stage, world)
+
+
 def load_plugins() -> None:
     """Add the methods other installed packages register to STAGES, once. Called when a config
     is loaded, not on import, so a plugin's own module may import posttrain.stages."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from posttrain.config import ConfigError, StageConfig, require
+from posttrain.config import ConfigError, StageConfig, global_batch, require
 from posttrain.memory import activation_checkpointing
 from posttrain.models import compute_dtype
 from posttrain.rewards import reward_specs
@@ -118,6 +118,12 @@ class DataStageInputs:
     stop_requested: Callable[[], bool]
 
 
+def batch_rows_for_steps(stage: StageConfig, world: int) -> int | None:
+    """The train rows `stage.max_steps` optimizer steps read on `world` processes when every
+    sequence of a batch is one row: max_steps x the global batch."""
+    return stage.max_steps * global_batch(stage, world)
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """A method as the pipeline sees it."""
@@ -144,6 +150,10 @@ class StageSpec:
     uses_reward: bool = False
     # True: the method can train on padding-free batches (the stage's `padding_free`)
     padding_free: bool = False
+    # (stage, processes) -> the train rows its max_steps optimizer steps read, all a stage with
+    # max_steps keeps (posttrain.stages.max_steps_rows); None: not known before the trainer
+    # prepares the rows
+    rows_for_steps: Callable[[StageConfig, int], int | None] = batch_rows_for_steps
 
 
 # --- shared training arguments ---------------------------------------------------------

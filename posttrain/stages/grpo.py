@@ -9,6 +9,7 @@ present, else transformers' `generate`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from posttrain.config import require
@@ -101,6 +102,20 @@ class GRPOStageConfig(OnlineStageConfig):
             f"{key}.loss_type",
             "luspo scales sequence-level ratios; set importance_sampling_level: sequence",
         )
+
+
+def prompts_for_steps(stage: GRPOStageConfig, world: int) -> int | None:
+    """The prompts `max_steps` optimizer steps read. TRL samples a generation batch of
+    per_device_train_batch_size x world x steps_per_generation replies (num_generations per
+    prompt) and trains steps_per_generation x num_iterations micro-steps on it, of which
+    gradient_accumulation_steps make an optimizer step; whole generation batches, so the last
+    step has its prompts. With a band, none: the band picks its prompts from the whole set."""
+    if stage.band is not None:
+        return None
+    per_generation = stage.steps_per_generation or stage.gradient_accumulation_steps
+    micro_steps = stage.max_steps * stage.gradient_accumulation_steps
+    generations = math.ceil(micro_steps / (per_generation * stage.num_iterations))
+    return generations * stage.per_device_train_batch_size * world * per_generation // stage.num_generations
 
 
 def trl_config() -> type:
@@ -244,4 +259,5 @@ STAGE = StageSpec(
     trl_config=trl_config,
     summary_metrics=(("train_reward_first", "reward_start"), ("train_reward", "reward_end")),
     uses_reward=True,
+    rows_for_steps=prompts_for_steps,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import StageConfig, require
-from posttrain.stages.base import StageSpec, TrainerInputs
+from posttrain.stages.base import StageSpec, TrainerInputs, batch_rows_for_steps
 
 
 @dataclass
@@ -47,6 +47,11 @@ def make_trainer(inputs: TrainerInputs):
     return SFTTrainer(args=args, data_collator=collator, **inputs.trainer_kwargs())
 
 
+def rows_for_steps(stage: SFTStageConfig, world: int) -> int | None:
+    """max_steps x the global batch, unless packing: a packed row holds as many conversations as fit."""
+    return None if stage.packing else batch_rows_for_steps(stage, world)
+
+
 STAGE = StageSpec(
     config_cls=SFTStageConfig,
     data_kind="sft",
@@ -54,4 +59,5 @@ STAGE = StageSpec(
     make_trainer=make_trainer,
     trl_config=trl_config,
     padding_free=True,
+    rows_for_steps=rows_for_steps,
 )

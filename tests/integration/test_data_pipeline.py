@@ -73,10 +73,11 @@ def test_mixture_of_user_formats_trains_end_to_end(tmp_path, cache_dir):
     report = json.loads((out / "data_report.json").read_text())
     sft, align = report["sft"], report["align"]
     assert [(s["format"], s["used"]) for s in sft["sources"]] == [("sharegpt", 50), ("alpaca", 150)]
-    assert sft["train_rows"] == 200 and sft["eval_rows"] > 0
+    assert sft["mixed_rows"] == 200 and sft["train_rows"] == 192 and sft["eval_rows"] > 0  # 12 steps x 16 (FAST)
     assert [s["format"] for s in align["sources"]] == ["hh", "preference"]
     assert align["tokens"]["max"] > align["tokens"]["min"] > 0
-    assert "data for sft: 200 train rows" in result.stdout and "| sharegpt" in result.stdout
+    assert "data for sft: 192 train rows (of 200: what its max_steps read)" in result.stdout
+    assert "| sharegpt" in result.stdout
     assert (out / "data_report.md").read_text().startswith("data for sft")
     assert (out / "data_lengths.png").stat().st_size > 0
     manifest = json.loads((out / "align" / "manifest.json").read_text())

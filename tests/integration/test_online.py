@@ -132,6 +132,8 @@ def test_grpo_with_a_user_reward_function(tmp_path, cache_dir, user_rewards):
         assert all(isinstance(p, str) and p.split()[0] in ("What", "Reverse", "Sort", "How") for p in call["prompts"])
         assert all(isinstance(c, str) for c in call["completions"])
         assert len(set(call["prompts"])) == 4  # 4 prompts, each repeated for its group
+    # max_steps keeps the 3 x 4 prompts its steps read, and they last to the end: none repeats
+    assert manifest["data"]["train_rows"] == 12 and len({p for c in calls for p in c["prompts"]}) == 12
     metrics = summary["stages"]["align"]["metrics"]
     assert {"train_reward_first", "train_reward", "exact_match"} <= set(metrics)
     logged = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
