@@ -47,7 +47,7 @@ if [ "$what" = speed ]; then
   # what the plan says: the auto micro-batch at 1B, the bytes per parameter of each optimizer at 8B
   for plan in "model=llama3_2_1b sft.per_device_train_batch_size=auto sft.global_batch_size=16 sft.max_length=4096" \
     "model=llama3_1_8b sft.optimizer=adamw_kahan_bf16" "model=llama3_1_8b sft.optimizer=adamw_sr_bf16"; do
-    timeout 15 python3 -m posttrain.cli plan=true align=none $plan run.output_dir=/tmp/speed-plan 2>&1 \
+    timeout 15 python3 -m posttrain.cli plan=true align=none run.tuned_for=null $plan run.output_dir=/tmp/speed-plan 2>&1 \
       | grep -E "memory:|micro-batch|activation|error" | tee -a "$out/speed.txt"
   done
   # each run's line as it finishes (a timeout still leaves them), the table, errors

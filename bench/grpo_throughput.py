@@ -78,6 +78,7 @@ def posttrain_config(model_dir: Path, args):
 
     overrides = [
         f"model.path={model_dir}",
+        "run.tuned_for=null",  # a speed benchmark keeps the default stage settings on this model
         "align=grpo",
         f"align.max_steps={args.steps + args.warmup}",
         f"align.per_device_train_batch_size={args.prompts_per_step * args.num_generations}",

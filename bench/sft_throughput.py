@@ -89,6 +89,7 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
 
     overrides = [
         f"model.path={model_dir}",
+        "run.tuned_for=null",  # a speed benchmark keeps the default stage settings on this model
         "align=none",
         f"sft.max_length={args.seq}",
         f"sft.max_steps={args.steps + args.warmup}",

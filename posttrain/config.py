@@ -245,7 +245,7 @@ class EvalConfig:
     num_prompts: int = 200
     max_new_tokens: int = 64
     batch_size: int = 32
-    # held-out conversations for the response loss
+    # held-out rows for the response loss and the trainer's own held-out metrics (eval loss, reward accuracy)
     num_loss_rows: int = 200
     # completions written side by side into summary.json
     num_samples: int = 4

@@ -111,11 +111,12 @@ def test_registry_template_marks_the_reply_and_the_turn_end(family):
     assert tok.eos_token_id in marked  # the model learns to end its turn with the token generation stops at
 
 
-def test_one_sft_and_one_dpo_step_through_from_pretrained(family, tmp_path, cache_dir):
+def test_the_pretrained_recipe_runs_one_sft_and_one_dpo_step_on_every_family(family, tmp_path, cache_dir):
+    """recipe=smollm2_sft_dpo is not tied to SmolLM2: with another family's entry and folder it trains."""
     entry, folder, _ = family
     out = tmp_path / "run"
     overrides = [
-        ANY_MODEL,
+        "recipe=smollm2_sft_dpo",
         f"model={entry}",
         f"model.path={folder}",
         f"run.output_dir={out}",
