@@ -49,8 +49,11 @@ FAST = [
 
 
 def posttrain_argv(*args: str, cache_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of `posttrain <args>` on a given cache."""
-    return [sys.executable, "-m", "posttrain.cli", *args], {**os.environ, "POSTTRAIN_CACHE": str(cache_dir)}
+    """The command line and environment of `posttrain <args>` on a given cache. PYTHONPATH puts this
+    checkout first, for the workers a launcher starts too (not an installed posttrain elsewhere)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "POSTTRAIN_CACHE": str(cache_dir), "PYTHONPATH": path}
+    return [sys.executable, "-m", "posttrain.cli", *args], env
 
 
 def run_posttrain(*args: str, cache_dir: Path, **kwargs) -> subprocess.CompletedProcess:

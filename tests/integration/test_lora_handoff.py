@@ -68,11 +68,13 @@ def test_each_merged_model_is_its_base_plus_its_adapters(handoff_run, cache_dir)
 def assert_merged_models(out: Path, cfg, cache_dir: Path) -> None:
     """SFT's model is base + its adapter; DPO's, that plus DPO's adapter (merge: DPO's LoRA sits on
     the merged SFT model; stack: on the base, beside the SFT adapter); every other weight is the base's."""
-    base = load_file(str(Path(models.base_model_source(cfg.model, cache_dir)) / "model.safetensors"))
+    source = Path(models.base_model_source(cfg.model, cache_dir))
+    base = load_file(str(source / "model.safetensors"))
+    layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
     sft_delta = lora_delta(out / "sft" / "adapter")
     align_delta = lora_delta(out / "align" / "adapter")
     assert sft_delta.keys() == align_delta.keys()
-    assert len(sft_delta) == cfg.model.tiny.num_layers * len(cfg.model.lora_target_modules)
+    assert len(sft_delta) == layers * len(cfg.model.lora_target_modules)
     sft = load_file(str(out / "sft" / "model.safetensors"))
     align = load_file(str(out / "align" / "model.safetensors"))
     assert sft.keys() == align.keys() == base.keys(), "plain models, no adapter keys"
