@@ -452,10 +452,10 @@ def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, .
         length = f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epochs"
         came = cfg.origins.get(name, {})
         lr_origin = f" ({came['learning_rate']})" if came else ""
-        if came:
-            length += f" ({came['max_steps' if stage.max_steps > 0 else 'num_train_epochs']})"
+        about = [came["max_steps" if stage.max_steps > 0 else "num_train_epochs"]] if came else []
         if (rows := max_steps_rows(stage, world)) is not None:
-            length += f" (keeps {rows} train rows, what they read)"
+            about.append(f"keeps the {rows} train rows they read")
+        length += f" ({'; '.join(about)})" if about else ""
         reference = f", reference {model_of[stage.reference or parent]}" if spec.uses_reference else ""
         peft = stage_peft(stage, cfg.peft)
         adapters = f", {peft} ({cfg.peft.handoff})" if peft != "none" else ""
