@@ -9,7 +9,7 @@
   where the package is missing, `model.hub_id` when the hub answers, else one line saying how to
   install it.
 
-    check(cfg.model)                               # plan time: the file is there and readable
+    check(cfg.model, cache_dir)                    # plan time: the file is there and readable
     source = resolve(cfg.model, cache_dir)         # what from_pretrained loads
 """
 
