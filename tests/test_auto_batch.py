@@ -12,10 +12,11 @@ from posttrain.cli import compose_tree
 from posttrain.config import ConfigError, resolve_batches
 from posttrain.plan import load_config, plan_text, resolve_auto_batches
 from posttrain.stage_cache import stage_keys
+from tests.conftest import ANY_MODEL
 
 GiB = 2**30
 # Llama-3.2-1B SFT at 4096 tokens, 64 sequences per step (registry shape, nothing downloaded)
-ONE_B = ["model=llama3_2_1b", "sft.max_length=4096", "sft.global_batch_size=64", "align=none"]
+ONE_B = [ANY_MODEL, "model=llama3_2_1b", "sft.max_length=4096", "sft.global_batch_size=64", "align=none"]
 
 
 def auto(capacity: float, *overrides: str, world: int = 1):

@@ -81,4 +81,4 @@ def test_the_plan_says_where_each_learning_rate_and_length_came_from(tmp_path):
     assert "lr 0.002 (command line)" in stages["sft"] and "2.5 epochs (recipe tiny_sft_dpo)" in stages["sft"]
     assert "lr 0.0005 (tuned tiny_dpo)" in stages["align"] and "2 epochs (tuned tiny_dpo)" in stages["align"]
     grpo = plan(tmp_path, "recipe=smollm2_sft_grpo")
-    assert "lr 1e-05 (recipe smollm2_sft_grpo)" in grpo.stdout and "lr 0.0001 (recipe smollm2_sft)" in grpo.stdout
+    assert "lr 3e-06 (recipe smollm2_sft_grpo)" in grpo.stdout and "lr 0.0001 (recipe smollm2_sft)" in grpo.stdout

@@ -168,7 +168,7 @@ CARD_BILLIONS = {
     "qwen2_5_0_5b": 0.49, "qwen2_5_1_5b": 1.54, "qwen2_5_7b": 7.61,
     "qwen3_0_6b": 0.6, "qwen3_1_7b": 1.7, "qwen3_4b": 4.0, "qwen3_8b": 8.2,
     "mistral_7b": 7.24, "mistral_7b_v0_3": 7.25, "gemma2_2b": 2.61, "gemma2_9b": 9.24, "gemma3_1b": 1.0,
-    "phi3_mini": 3.8, "phi4_mini": 3.8, "phi4": 14.7,
+    "phi3_mini": 3.8, "phi4_mini": 3.8, "phi4": 14.7, "smollm2_135m": 0.135,
 }  # fmt: skip
 REGISTRY = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem != "tiny")
 
