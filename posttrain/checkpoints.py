@@ -9,14 +9,16 @@
   where the package is missing, `model.hub_id` when the hub answers, else one line saying how to
   install it.
 
-    check(cfg.model, cache_dir)                    # plan time: the file is there and readable
+    path, notes = check(cfg.model, cache_dir)      # plan time: the file is there and readable
     source = resolve(cfg.model, cache_dir)         # what from_pretrained loads
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -149,9 +151,9 @@ def from_gguf(gguf: Path, cache_dir: Path) -> Path:
 # --- the model's source ----------------------------------------------------------------
 
 
-def check(model: ModelConfig, cache_dir: Path) -> list[str]:
+def check(model: ModelConfig, cache_dir: Path) -> tuple[str, list[str]]:
     """Plan time: a package file is installed (or its hub id reachable), a GGUF file is readable
-    (unless converted already). Returns notes for the plan."""
+    (unless converted already). Returns weights_file's path and notes for the plan."""
     path = weights_file(model)
     local = Path(path).expanduser()
     notes = []
@@ -161,14 +163,12 @@ def check(model: ModelConfig, cache_dir: Path) -> list[str]:
         notes.append(f"model.path: {model.path} is {via}")
     if is_gguf(path) and local.is_file() and read_manifest(converted_folder(local, cache_dir)) is None:
         gguf_header(local)
-    return notes
+    return path, notes
 
 
 def check_folder(folder: Path) -> None:
     """A model folder holds a config.json that parses and every weights file its index names, each
     as long as its header says: a copy cut short is one line here, not a traceback at load time."""
-    import json
-
     try:
         json.loads((folder / "config.json").read_text())
     except ValueError as e:
@@ -194,9 +194,6 @@ def check_folder(folder: Path) -> None:
 
 def _check_safetensors(path: Path) -> None:
     """The file is as long as its header's last tensor ends (8-byte header length, JSON header, data)."""
-    import json
-    import struct
-
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:

@@ -73,10 +73,9 @@ def origins(choices: dict[str, str | None], overrides: list[str], stages: list[s
 def recipes_tuned_for(kind: str) -> list[str]:
     """The recipes whose settings were tuned for `kind` (their `run.tuned_for`, or the nearest
     recipe's they build on)."""
-    import yaml
 
     def tuned_for(recipe: str):
-        trees = [yaml.safe_load((folder / f"{r}.yaml").read_text()) or {} for r in recipe_chain(recipe)]
+        trees = [_yaml(folder / f"{r}.yaml") for r in recipe_chain(recipe)]
         return next((t["run"]["tuned_for"] for t in trees if "tuned_for" in (t.get("run") or {})), None)
 
     folder = Path(config_dir()) / "recipe"

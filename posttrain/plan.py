@@ -359,8 +359,7 @@ def _check_model(cfg: Config) -> list[str]:
     installed package's file, or a hub id the hub or the cache can give."""
     if cfg.model.path.startswith("builtin:"):
         return []
-    notes = checkpoints.check(cfg.model, cfg.run.cache_path)
-    path = checkpoints.weights_file(cfg.model)
+    path, notes = checkpoints.check(cfg.model, cfg.run.cache_path)
     local = Path(path).expanduser()
     if checkpoints.is_gguf(path) and local.is_file():
         return notes
