@@ -74,11 +74,13 @@ def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
     assert f"{fake} is not a readable GGUF file (damaged or cut short: GGUF magic invalid)" in error
 
 
-def test_the_plan_says_where_each_learning_rate_and_length_came_from(tmp_path):
+def test_the_plan_says_where_each_learning_rate_and_length_came_from(model_folder, tmp_path):
     proc = plan(tmp_path, "sft.learning_rate=2e-3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if line.startswith("  ")}
     assert "lr 0.002 (command line)" in stages["sft"] and "2.5 epochs (recipe tiny_sft_dpo)" in stages["sft"]
     assert "lr 0.0005 (tuned tiny_dpo)" in stages["align"] and "2 epochs (tuned tiny_dpo)" in stages["align"]
-    grpo = plan(tmp_path, "recipe=smollm2_sft_grpo")
+    # a recipe chain for a pretrained model (its own folder, so the test needs no installed package)
+    grpo = plan(tmp_path, "recipe=smollm2_sft_grpo", f"model.path={model_folder}")
+    assert grpo.returncode == 0, grpo.stderr[-2000:]
     assert "lr 3e-06 (recipe smollm2_sft_grpo)" in grpo.stdout and "lr 0.0001 (recipe smollm2_sft)" in grpo.stdout
