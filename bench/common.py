@@ -117,6 +117,27 @@ def build_model(size: str, folder: Path, seq: int) -> Path:
     return out
 
 
+def trl_as_installed() -> None:
+    """Undo posttrain's process-wide choice of TRL's compact LM-head path (posttrain/fused_head.py)
+    before a TRL trainer is measured: TRL runs as a user installs it."""
+    from trl.kernels.chunked_logprob import _use_triton
+    from trl.trainer import utils
+
+    utils._use_triton = _use_triton
+
+
+def real_model(name: str) -> Path:
+    """The weights of registry model `name` as posttrain loads them (a package's GGUF file
+    dequantized into posttrain's cache once; a hub id from the hub's cache): real weights, its own
+    tokenizer and chat template."""
+    from posttrain import checkpoints
+    from posttrain.cli import compose_tree
+    from posttrain.plan import load_config
+
+    cfg = load_config(compose_tree([f"model={name}", "run.tuned_for=null", "align=none"]))
+    return Path(checkpoints.resolve(cfg.model, cfg.run.cache_path))
+
+
 def conversations(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
     """Chat rows whose lengths spread from ~1/8 of `max_tokens` to all of it (~35-45% padding in
     random batches), in the `messages` format."""

@@ -2,9 +2,11 @@
 
     python bench/grpo_throughput.py                   # tiny Llama, CPU: ~1.5 min
     python bench/grpo_throughput.py --size llama3_2_1b --prompts-per-step 8 --max-completion-length 128  # a GPU
+    python bench/grpo_throughput.py --model smollm2_135m --max-completion-length 16 --steps 4   # real weights
 
 Same random-init model (a local folder, loaded with from_pretrained; `--size` a registry name
-builds that model's shape from conf/model/<name>.yaml), same built-in task prompts (builtin:sft's
+builds that model's shape from conf/model/<name>.yaml; `--model` a registry model's real weights,
+tokenizer and chat template), same built-in task prompts (builtin:sft's
 kind), the same cheap deterministic reward (the built-in checker, `reward: builtin`), one process.
 posttrain: the `grpo` stage exactly as `posttrain align=grpo` builds it (composed config, the tuned
 settings that apply, training args chosen for the device, TRL underneath). TRL tuned: GRPOConfig as
@@ -27,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SIZE_HELP, build_model, report, stage_trainer
+from common import SIZE_HELP, build_model, real_model, report, stage_trainer, trl_as_installed
 
 RUNS = ("posttrain", "trl")
 
@@ -77,7 +79,7 @@ def posttrain_config(model_dir: Path, args):
     from posttrain.plan import load_config
 
     overrides = [
-        f"model.path={model_dir}",
+        *([f"model={args.model}"] if args.model else [f"model.path={model_dir}"]),
         "run.tuned_for=null",  # a speed benchmark keeps the default stage settings on this model
         "align=grpo",
         f"align.max_steps={args.steps + args.warmup}",
@@ -112,6 +114,7 @@ def trl_tuned_trainer(model_dir: Path, rows, args, stage, out: Path):
     bf16 = cuda and torch.cuda.is_bf16_supported()
     attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     vllm = cuda and importlib.util.find_spec("vllm") is not None
+    trl_as_installed()
     config = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=stage.per_device_train_batch_size,
         num_generations=stage.num_generations, max_completion_length=stage.max_completion_length,
@@ -160,6 +163,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny" if not torch.cuda.is_available() else "qwen0.5b", help=SIZE_HELP)
+    parser.add_argument("--model", help="a registry model's real weights instead of --size: smollm2_135m")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds timed per run at most")
@@ -177,7 +181,9 @@ def main() -> None:
     results, notes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model_dir = build_model(args.size, folder, args.max_completion_length + 64)
+        model_dir = (
+            real_model(args.model) if args.model else build_model(args.size, folder, args.max_completion_length + 64)
+        )
         cfg = posttrain_config(model_dir, args)
         stage = cfg.stages["align"]  # TRL takes its sampling and batch settings from posttrain's stage
         for run in runs:  # in the order given (`--runs trl,posttrain` checks that order does not matter)
@@ -202,7 +208,8 @@ def main() -> None:
     header = ["run", "samples/s", "completion tokens/s", "mean reply tokens", "vs TRL tuned", "timed", "setup"]
     table, records = [], []
     settings = {
-        "size": args.size, "steps": args.steps, "warmup": args.warmup, "prompts_per_step": args.prompts_per_step,
+        "size": args.model or args.size, "steps": args.steps, "warmup": args.warmup,
+        "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
         "temperature": stage.temperature, "set": args.set,
     }  # fmt: skip

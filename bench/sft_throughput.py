@@ -5,9 +5,11 @@ defaults) vs a raw PyTorch loop.
     python bench/sft_throughput.py --size qwen0.5b --seq 2048 --batch 16   # a GPU
     python bench/sft_throughput.py --size llama3_2_1b --seq 4096 --batch 4 --runs posttrain,raw,trl_tuned
     python bench/sft_throughput.py --runs posttrain --set sft.compile=true  # one option, posttrain alone
+    python bench/sft_throughput.py --model smollm2_135m --seq 128 --batch 8 --runs posttrain,raw,trl_tuned
 
 Same random-init model (a local folder, loaded with from_pretrained; `--size` a registry name
-builds that model's shape from conf/model/<name>.yaml), same variable-length conversations, one
+builds that model's shape from conf/model/<name>.yaml; `--model` a registry model's real weights,
+tokenizer and chat template), same variable-length conversations, one
 process. posttrain: the `sft` stage exactly as `posttrain` builds it (composed config, training
 args chosen for the device, TRL underneath; `--set` adds overrides). TRL tuned: SFTConfig as a
 competent user sets it for the device (bf16 on a GPU with bf16 units, else fp32; flash
@@ -26,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SIZE_HELP, build_model, conversations, report, stage_trainer
+from common import SIZE_HELP, build_model, conversations, real_model, report, stage_trainer, trl_as_installed
 
 RUNS = ("posttrain", "raw", "trl_tuned", "trl_default")
 
@@ -88,7 +90,7 @@ def posttrain_trainer(model_dir: Path, rows, args, out: Path):
     from posttrain.plan import load_config
 
     overrides = [
-        f"model.path={model_dir}",
+        *([f"model={args.model}"] if args.model else [f"model.path={model_dir}"]),
         "run.tuned_for=null",  # a speed benchmark keeps the default stage settings on this model
         "align=none",
         f"sft.max_length={args.seq}",
@@ -109,6 +111,7 @@ def trl_default_trainer(model_dir: Path, rows, args, out: Path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    trl_as_installed()
     config = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=args.batch, max_length=args.seq,
         max_steps=args.steps + args.warmup, learning_rate=1e-4, use_cpu=not torch.cuda.is_available(),
@@ -129,6 +132,7 @@ def trl_tuned_trainer(model_dir: Path, rows, args, out: Path):
     bf16 = cuda and torch.cuda.is_bf16_supported()
     attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    trl_as_installed()
     config = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=args.batch, max_length=args.seq,
         max_steps=args.steps + args.warmup, learning_rate=1e-4, use_cpu=not cuda, bf16=bf16,
@@ -237,6 +241,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="20m", help=SIZE_HELP)
+    parser.add_argument("--model", help="a registry model's real weights instead of --size: smollm2_135m")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
@@ -257,7 +262,7 @@ def main() -> None:
     results, losses, peaks, notes = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model_dir = build_model(args.size, folder, args.seq)
+        model_dir = real_model(args.model) if args.model else build_model(args.size, folder, args.seq)
         trainer, cfg = posttrain_trainer(model_dir, rows, args, folder / "posttrain")
         # the raw loop runs before and after posttrain (the mean counts): a machine that speeds up
         # or slows down during the benchmark favours neither
@@ -333,7 +338,7 @@ def main() -> None:
             [run, round(rate), vs_trl, vs_raw, f"{100 * mfu:.1f}%", peaks.get(run) or "-", losses.get(run, "-")]
         )
         records.append({"run": run, "tokens_per_s": round(rate, 1), "vs_trl_tuned": base and round(rate / base, 3),
-                        "vs_raw": raw and round(rate / raw, 3), "mfu": round(mfu, 4), "size": args.size,
+                        "vs_raw": raw and round(rate / raw, 3), "mfu": round(mfu, 4), "size": args.model or args.size,
                         "seq": args.seq, "batch": args.batch, "steps": args.steps, "set": args.set,
                         "peak_gib": peaks.get(run), "first_losses": losses.get(run), "note": notes.get(run),
                         "raw_runs": [round(r, 1) for r in raw_runs]})  # fmt: skip

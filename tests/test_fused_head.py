@@ -1,0 +1,80 @@
+"""TRL's fused LM head on a CPU after score_labelled_positions_only(): it projects the labelled
+positions only, and its log-probs, entropy, loss and gradients equal those of TRL's own
+every-position path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from trl.trainer import utils as trl_utils
+from trl.trainer.utils import add_fused_lm_head
+
+from posttrain.fused_head import score_labelled_positions_only
+
+KERNEL = trl_utils._ChunkedLogProbFunction.apply
+
+
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    m = LlamaForCausalLM(config)
+    add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
+    return m
+
+
+def batch() -> dict[str, torch.Tensor]:
+    """Two right-padded rows whose labels cover only their replies (the last few tokens)."""
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 300, (2, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 8:] = input_ids[0, 8:]
+    labels[1, 6:9] = input_ids[1, 6:9]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def run(monkeypatch, compact: bool, rows_seen: list[int]):
+    """One forward and backward; records how many positions the kernel projected."""
+    if compact:
+        score_labelled_positions_only()
+
+    def counting(hidden, *args):
+        rows_seen.append(hidden.shape[0])
+        return KERNEL(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting)
+    m = model()
+    out = m(**batch(), fused_lm_head=True)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    return out, grads
+
+
+@pytest.fixture
+def restore_trl(monkeypatch):
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
+
+
+def test_the_cpu_projects_only_labelled_positions_and_computes_the_same(monkeypatch, restore_trl):
+    every, compact = [], []
+    full_out, full_grads = run(monkeypatch, False, every)
+    out, grads = run(monkeypatch, True, compact)
+    labelled = int((batch()["labels"][:, 1:] != -100).sum())
+    assert every == [2 * 11] and compact == [labelled] and labelled < 11
+    mask = full_out.label_mask
+    assert torch.equal(mask, out.label_mask)
+    for name in ("log_probs", "entropy", "is_top1"):
+        a, b = getattr(full_out, name), getattr(out, name)
+        assert torch.allclose(a[mask].float(), b[mask].float(), atol=1e-6), name
+        assert not b[~mask].any(), f"{name} outside the labels must stay zero"
+    assert torch.allclose(full_out.loss, out.loss, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, grads[name], atol=1e-6), name
+
+
+def test_patching_twice_is_patching_once(restore_trl):
+    assert score_labelled_positions_only() and score_labelled_positions_only()
+    assert trl_utils._use_triton(torch.device("cpu")) and trl_utils._use_triton.posttrain_compact
