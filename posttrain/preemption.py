@@ -1,26 +1,64 @@
 """Preemption: SIGTERM or SIGUSR1 (what Slurm sends before it kills a job) asks the run to stop.
 
-The handler only sets a flag. During training a callback sees it after the current
-optimizer step, saves a checkpoint and stops the trainer; between stages the pipeline
-checks it. The stage's manifest is then marked `interrupted` and the process exits with
+During training the handler only sets a flag: a callback sees it after the current optimizer
+step, saves a checkpoint and stops the trainer; between stages the pipeline checks it. Every
+other long phase (data loading and tokenization, the reference log-prob pass, sampling pairs,
+GRPO's generation, evaluation, saving and merging) runs inside `guard.interruptible(where)`:
+there a signal raises Preempted at once, where the work is, so the run stops within seconds.
+What such a phase finished is on disk already (the reference log-probs and the pairs samples
+are written in parts, each through a temporary file and a rename); nothing it left looks
+complete. The stage's manifest is then marked `interrupted` and the process exits with
 EXIT_PREEMPTED, which `launch/slurm.sbatch` answers with `scontrol requeue`.
+
+Several processes: a rank raises at once only where it works alone (rank 0's evaluation and
+saving, which it hands to the others as "stopped"); in work every rank shares (collectives) the
+signal is a flag that the loops read together between parts (`check`, `agreed`), so no rank
+leaves while the others wait in a collective.
+
+    with PreemptionGuard(stop_file) as guard:
+        with guard.interruptible("evaluation"):
+            ...   # SIGTERM here: Preempted("SIGTERM during evaluation")
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.distributed import any_rank
+from posttrain.distributed import agree, any_rank, distributed, is_main
 
 # EX_TEMPFAIL from sysexits.h: "try again later"
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(Exception):
-    """Raised by the pipeline once the current work is saved."""
+class Preempted(BaseException):
+    """The run was asked to stop and what it finished is saved: exit EXIT_PREEMPTED.
+
+    A BaseException, like KeyboardInterrupt: raised by the signal handler wherever the work is,
+    it must not be taken for an error by library code's `except Exception`."""
+
+
+def stop_at_once() -> None:
+    """Until a guard takes over (the command's start-up: imports, Hydra, the plan), a stop signal
+    ends the process at once with EXIT_PREEMPTED (nothing has been written that a re-run needs)."""
+
+    def handle(signum, frame) -> None:
+        raise Preempted(f"{signal.Signals(signum).name} before the run started")
+
+    for sig in SIGNALS:
+        signal.signal(sig, handle)
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    """What rank 0 hands the waiting ranks instead of a result when a signal stopped it."""
+
+    reason: str
 
 
 class PreemptionGuard:
@@ -32,6 +70,9 @@ class PreemptionGuard:
         self.signal_name: str | None = None
         self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
+        # the interruptible phases entered, innermost last (None: a shielded part inside one)
+        self._phases: list[str | None] = []
+        self._raised = False
 
     @property
     def requested(self) -> bool:
@@ -39,7 +80,18 @@ class PreemptionGuard:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        if self._phases and self._phases[-1] is not None and not self._raised:
+            print(f"[posttrain] {self.signal_name} received during {self._phases[-1]}: stopping now", flush=True)
+            raise self._stop(f"{self.signal_name} during {self._phases[-1]}")
         print(f"[posttrain] {self.signal_name} received: saving a checkpoint and stopping", flush=True)
+
+    def _stop(self, message: str) -> Preempted:
+        """Preempted, raised in an interruptible phase; `alone`: by one rank of several (the others
+        learn it from `hand_over_stop`)."""
+        self._raised = True
+        stop = Preempted(message)
+        stop.alone = distributed()
+        return stop
 
     def __enter__(self) -> PreemptionGuard:
         for sig in SIGNALS:
@@ -49,6 +101,35 @@ class PreemptionGuard:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def interruptible(self, where: str, alone: bool = False) -> Iterator[None]:
+        """A phase a signal stops at once (Preempted raised where the work is), in a process that
+        works alone: a single-process run, or `alone=True` (rank 0's own work, which the other ranks
+        wait for). Elsewhere in a multi-process run the signal stays a flag for `check`."""
+        if alone or not distributed():
+            if self.requested_here():
+                raise self._stop(f"{self.signal_name} before {where}")
+            self._phases.append(where)
+            try:
+                yield
+            finally:
+                self._phases.pop()
+        else:
+            yield
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Inside an interruptible phase: a part a signal must not cut (a write and the count of
+        what it wrote); a signal that came meanwhile stops the phase right after it."""
+        self._phases.append(None)
+        try:
+            yield
+        finally:
+            self._phases.pop()
+        where = self._phases[-1] if self._phases else None
+        if where is not None and self.requested and not self._raised:
+            raise self._stop(f"{self.signal_name} during {where}")
 
     def requested_here(self) -> bool:
         """Whether this process was signalled or the stop file appeared (no other rank asked)."""
@@ -64,8 +145,43 @@ class PreemptionGuard:
         return self.requested
 
     def check(self, where: str) -> None:
+        """Every rank together: raise Preempted when any was asked to stop."""
         if self.agreed():
+            self._raised = True
             raise Preempted(f"{self.signal_name} {where}")
+
+    # --- rank 0's own work, which the other ranks wait for ---------------------------------
+
+    def on_main(self, where: str, work: Callable[[], Any]) -> Any:
+        """`work()` on rank 0 alone, where a signal stops it at once; its result on every rank
+        (the others wait for it, and stop with it)."""
+        if not is_main():
+            return self.handed_over()
+        try:
+            with self.interruptible(where, alone=True):
+                result = work()
+        except Preempted as stop:
+            self.hand_over_stop(stop)
+            raise
+        return self.hand_over(result)
+
+    def hand_over(self, value: Any) -> Any:
+        """On rank 0: its result of work it did alone, to the ranks waiting in `handed_over`."""
+        return agree(value)
+
+    def hand_over_stop(self, stop: Preempted) -> None:
+        """On rank 0, stopped in work it did alone: the waiting ranks stop too."""
+        if getattr(stop, "alone", False):
+            agree(_Stopped(str(stop)))
+
+    def handed_over(self) -> Any:
+        """On the other ranks: rank 0's result, or Preempted when it was stopped."""
+        value = agree(None)
+        if isinstance(value, _Stopped):
+            self.signal_name = self.signal_name or "a stop signal to rank 0"
+            self._raised = True
+            raise Preempted(value.reason)
+        return value
 
     def callback(self) -> Any:
         """A TrainerCallback that checkpoints and stops training once a signal came.
