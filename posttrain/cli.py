@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-from posttrain.preemption import EXIT_PREEMPTED, Preempted, stop_at_once
+from posttrain.preemption import EXIT_PREEMPTED, SIGNALS, Preempted, stop_at_once
 
 if __name__ == "__main__":  # `python -m posttrain.cli`: before the heavier imports below
-    stop_at_once()
+    stop_at_once(hard=True)
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -308,6 +309,8 @@ def main() -> None:
     except Preempted as e:
         print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
         sys.exit(EXIT_PREEMPTED)
+    for sig in SIGNALS:  # the run is complete: a stop signal from here on has nothing to stop
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _main() -> None:

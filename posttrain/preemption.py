@@ -23,6 +23,7 @@ leaves while the others wait in a collective.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,12 +44,17 @@ class Preempted(BaseException):
     it must not be taken for an error by library code's `except Exception`."""
 
 
-def stop_at_once() -> None:
+def stop_at_once(hard: bool = False) -> None:
     """Until a guard takes over (the command's start-up: imports, Hydra, the plan), a stop signal
-    ends the process at once with EXIT_PREEMPTED (nothing has been written that a re-run needs)."""
+    ends the process at once with EXIT_PREEMPTED (nothing has been written that a re-run needs):
+    by raising Preempted, or `hard`: by os._exit (while modules import, before anything can catch it)."""
 
     def handle(signum, frame) -> None:
-        raise Preempted(f"{signal.Signals(signum).name} before the run started")
+        reason = f"{signal.Signals(signum).name} before the run started"
+        if hard:
+            print(f"[posttrain] stopped by {reason}; re-run the same command to resume", flush=True)
+            os._exit(EXIT_PREEMPTED)
+        raise Preempted(reason)
 
     for sig in SIGNALS:
         signal.signal(sig, handle)
@@ -72,7 +78,13 @@ class PreemptionGuard:
         self._previous: dict[int, Any] = {}
         # the interruptible phases entered, innermost last (None: a shielded part inside one)
         self._phases: list[str | None] = []
+        # a stop was raised in a phase (no second one is started: the first one's handlers run)
         self._raised = False
+        # the stop raised in a phase that has not left it yet: raised again every RETRY_SECONDS
+        # (code that swallows exceptions, a weakref callback say, may have caught it)
+        self._in_flight: Preempted | None = None
+
+    RETRY_SECONDS = 0.2
 
     @property
     def requested(self) -> bool:
@@ -83,22 +95,36 @@ class PreemptionGuard:
         if self._phases and self._phases[-1] is not None and not self._raised:
             print(f"[posttrain] {self.signal_name} received during {self._phases[-1]}: stopping now", flush=True)
             raise self._stop(f"{self.signal_name} during {self._phases[-1]}")
-        print(f"[posttrain] {self.signal_name} received: saving a checkpoint and stopping", flush=True)
+        if not self._raised:
+            print(f"[posttrain] {self.signal_name} received: saving a checkpoint and stopping", flush=True)
 
-    def _stop(self, message: str) -> Preempted:
-        """Preempted, raised in an interruptible phase; `alone`: by one rank of several (the others
-        learn it from `hand_over_stop`)."""
+    def _retry(self, signum, frame) -> None:
+        """SIGALRM while a stop is in flight: raise it again until it leaves its phase."""
+        if self._in_flight is None:
+            return
+        signal.setitimer(signal.ITIMER_REAL, self.RETRY_SECONDS)
+        if self._phases and self._phases[-1] is not None:
+            raise self._in_flight
+
+    def _stop(self, message: str, in_phase: bool = True) -> Preempted:
+        """Preempted, raised in an interruptible phase (or on entering one); `alone`: by one rank of
+        several (the others learn it from `hand_over_stop`)."""
         self._raised = True
         stop = Preempted(message)
         stop.alone = distributed()
+        if in_phase:
+            self._in_flight = stop
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_SECONDS)
         return stop
 
     def __enter__(self) -> PreemptionGuard:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._retry)
         return self
 
     def __exit__(self, *exc) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -109,10 +135,14 @@ class PreemptionGuard:
         wait for). Elsewhere in a multi-process run the signal stays a flag for `check`."""
         if alone or not distributed():
             if self.requested_here():
-                raise self._stop(f"{self.signal_name} before {where}")
+                raise self._stop(f"{self.signal_name} before {where}", in_phase=False)
             self._phases.append(where)
             try:
                 yield
+            except Preempted:
+                self._in_flight = None  # it left the phase: no need to raise it again
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                raise
             finally:
                 self._phases.pop()
         else:

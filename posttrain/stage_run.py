@@ -81,6 +81,11 @@ class Policy:
     ref_model: PreTrainedModel | None
 
 
+def log(message: str) -> None:
+    if distributed.is_main():
+        print(f"[posttrain] {message}", flush=True)
+
+
 def trains_loaded_weights(stage: StageConfig, cfg: Config) -> bool:
     """Full fine-tuning by a plain trainer updates the loaded weights themselves (so they load as
     fp32 master weights under model.dtype=auto); LoRA trains adapters, DeepSpeed its own fp32 copy."""
@@ -196,6 +201,7 @@ def train_stage(
     if run.checkpoint is not None:
         metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
     if trainer.eval_dataset is not None:
+        log(f"stage {run.name}: held-out loss")
         with guard.interruptible(f"stage {run.name}: the held-out loss"):
             metrics.update(trainer.evaluate())
         guard.check(f"after stage {run.name}'s held-out loss")
@@ -469,6 +475,7 @@ def run_stage(
                 model.to(dtype)  # evaluated as saved
             t = time.time()
             if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model (or data) does not generate
+                log(f"stage {run.name}: evaluating")
                 with guard.interruptible(f"stage {run.name}: evaluation", alone=True):
                     eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
                 metrics.update(eval_metrics)
@@ -478,6 +485,7 @@ def run_stage(
             timings[f"eval:{run.name}"] = time.time() - t
         t = time.time()
         if model is not None:
+            log(f"stage {run.name}: saving {run.folder}")
             with guard.interruptible(f"stage {run.name}: saving", alone=True):
                 save_model(run, model, tokenizer)
         shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
