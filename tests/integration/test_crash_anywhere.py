@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("POSTTRAIN_STOP_SEED", "30"))
 POINTS = 10
+# of which in the start-up (imports, Hydra, the plan): the rest fall in the stages
+START_UP_POINTS = 2
 # frequent checkpoints, a reference pass in several parts (batches of 4 rows, 4 batches a part)
 ARGS = [*FAST, "sft.checkpoint_steps=4", "align.checkpoint_steps=2", "align.per_device_eval_batch_size=4"]
 # one thread per run: the same sums in the same order in every attempt (weights compared to 1e-6)
@@ -64,12 +66,31 @@ def _metrics(out: Path, stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[Path, float]:
+def uninterrupted(tmp_path_factory) -> tuple[Path, float, float]:
+    """The run never stopped: its folder, its seconds, and the seconds of its start-up (to loading data)."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    started = time.monotonic()
+    started, start_up = time.monotonic(), None
     proc = _start(root / "run", root / "cache", root / "log.txt")
-    assert proc.wait(timeout=600) == 0, (root / "log.txt").read_text()[-3000:]
-    return root / "run", time.monotonic() - started
+    while proc.poll() is None:
+        if start_up is None and "[posttrain] loading data" in (root / "log.txt").read_text(errors="replace"):
+            start_up = time.monotonic() - started
+        time.sleep(0.05)
+    assert proc.returncode == 0, (root / "log.txt").read_text()[-3000:]
+    return root / "run", time.monotonic() - started, start_up or 0.0
+
+
+def _delays(rng: random.Random, seconds: float, start_up: float) -> list[tuple[float, float]]:
+    """(point of the uninterrupted run's time, delay after its attempt starts): POINTS points drawn
+    over the whole run, sorted, START_UP_POINTS of them in its start-up (half the time of this short
+    run) and the rest in the stages' work; a re-run repeats the start-up and then goes on about where
+    the last attempt stopped, so a point past the start-up is reached start_up + (its distance from the last)."""
+    points = [rng.uniform(0, start_up) for _ in range(START_UP_POINTS)]
+    points = sorted(points + [rng.uniform(start_up, seconds) for _ in range(POINTS - START_UP_POINTS)])
+    last, out = start_up, []
+    for point in points:
+        out.append((point, point if point <= start_up else start_up + point - last))
+        last = max(last, point)
+    return out
 
 
 def _assert_same_result(out: Path, reference: Path) -> None:
@@ -86,18 +107,17 @@ def _assert_same_result(out: Path, reference: Path) -> None:
 
 
 def _stop_at_random_points(sig: signal.Signals, uninterrupted, tmp_path: Path) -> list[dict]:
-    reference, seconds = uninterrupted
-    rng = random.Random(SEED)
+    reference, seconds, start_up = uninterrupted
     print(f"\n{sig.name} at {POINTS} random points of a {seconds:.1f} s run, seed {SEED} (POSTTRAIN_STOP_SEED)")
     out, cache, stops = tmp_path / "run", tmp_path / "cache", []
-    for attempt in range(POINTS):
-        delay = rng.uniform(0, seconds)
+    for attempt, (point, delay) in enumerate(_delays(random.Random(SEED), seconds, start_up)):
         log = tmp_path / f"attempt-{attempt}.txt"
         proc = _start(out, cache, log)
         started = time.monotonic()
         try:
             proc.wait(timeout=delay)
             stops.append({"at": delay, "phase": "finished first", "exit": proc.returncode, "seconds": 0.0})
+            print(f"  {attempt}: point {point:5.1f} s, after {delay:5.1f} s: the re-run finished first")
             assert proc.returncode == 0, log.read_text()[-3000:]
             continue
         except subprocess.TimeoutExpired:
@@ -111,7 +131,10 @@ def _stop_at_random_points(sig: signal.Signals, uninterrupted, tmp_path: Path) -
         code = proc.wait(timeout=120)
         stop = {"at": delay, "phase": phase, "exit": code, "seconds": time.monotonic() - signalled}
         stops.append(stop)
-        print(f"  {attempt}: {sig.name} at {delay:5.1f} s, {stop['phase']}: exit {code} in {stop['seconds']:.2f} s")
+        print(
+            f"  {attempt}: point {point:5.1f} s, {sig.name} after {delay:5.1f} s, in {phase}: "
+            f"exit {code} in {stop['seconds']:.2f} s"
+        )
         if sig == signal.SIGTERM:
             text = log.read_text(errors="replace")
             # a run that completed just before the signal took effect may exit 0
