@@ -44,13 +44,19 @@ class Preempted(BaseException):
     it must not be taken for an error by library code's `except Exception`."""
 
 
+# a stop signal that came before the run's guard took over (see stop_at_once)
+_EARLY_STOP: str | None = None
+
+
 def stop_at_once(hard: bool = False) -> None:
     """Until a guard takes over (the command's start-up: imports, Hydra, the plan), a stop signal
     ends the process at once with EXIT_PREEMPTED (nothing has been written that a re-run needs):
     by raising Preempted, or `hard`: by os._exit (while modules import, before anything can catch it)."""
 
     def handle(signum, frame) -> None:
-        reason = f"{signal.Signals(signum).name} before the run started"
+        global _EARLY_STOP
+        _EARLY_STOP = signal.Signals(signum).name  # the run's guard stops at once if this was swallowed
+        reason = f"{_EARLY_STOP} before the run started"
         if hard:
             print(f"[posttrain] stopped by {reason}; re-run the same command to resume", flush=True)
             os._exit(EXIT_PREEMPTED)
@@ -73,7 +79,7 @@ class PreemptionGuard:
     and on other nodes a signal may never reach them)."""
 
     def __init__(self, stop_file: Path | None = None) -> None:
-        self.signal_name: str | None = None
+        self.signal_name: str | None = _EARLY_STOP
         self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
         # the interruptible phases entered, innermost last (None: a shielded part inside one)

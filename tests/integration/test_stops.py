@@ -28,7 +28,7 @@ PHASES = {
     "start-up (imports, Hydra, plan)": (signal.SIGTERM, [], "stages:", 0.0, "starting from base"),
     "loading data": (signal.SIGUSR1, ["data.builtin.num_sft=40000"], "[posttrain] loading data", 0.3, ""),
     "base model evaluation": (signal.SIGTERM, LONG_EVAL, "evaluating base model", 0.5, ""),
-    "SFT training steps": (signal.SIGTERM, [], "sft:  17%", 0.0, "resuming"),
+    "SFT training steps": (signal.SIGTERM, [], "sft:   0%", 0.3, "resuming"),
     "SFT evaluation": (signal.SIGUSR1, LONG_EVAL, "stage sft: evaluating", 0.5, "resuming"),
     "DPO reference pass": (
         signal.SIGTERM,
