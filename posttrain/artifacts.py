@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -83,6 +84,38 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot be created or written (None: it can), found by trying: a folder and a
+    4 KiB file made where it is (or in its nearest existing parent), then removed. Asking instead
+    (os.access) says yes to root on a read-only or pseudo file system (/proc) and on a full disk."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is not a writable folder"  # a file in the way
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".posttrain-probe-", dir=existing))
+        try:
+            with (probe / "probe").open("wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+    except OSError as e:
+        return f"{existing} is not a writable folder ({e.strerror or e})"
+    return None
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete `folder` so that a crash part-way never leaves it half-deleted under its own name (a
+    stage folder without its manifest, which no re-run would trust): renamed aside, then deleted;
+    what an earlier crash left aside goes too."""
+    for left in folder.parent.glob(f".{folder.name}.removing-*"):
+        shutil.rmtree(left, ignore_errors=True)
+    aside = folder.with_name(f".{folder.name}.removing-{os.getpid()}")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_json(path: Path) -> Any:

@@ -10,7 +10,13 @@
 
 from __future__ import annotations
 
+from posttrain.preemption import EXIT_PREEMPTED, SIGNALS, Preempted, stop_at_once
+
+if __name__ == "__main__":  # `python -m posttrain.cli`: before the heavier imports below
+    stop_at_once(hard=True)
+
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +32,6 @@ from posttrain.locks import FileLock
 from posttrain.origins import origins
 from posttrain.pipeline import check_writable, run_pipeline
 from posttrain.plan import check_references, check_writable_folder, load_config, plan_text
-from posttrain.preemption import EXIT_PREEMPTED, Preempted
 from posttrain.report import show
 from posttrain.report.sweep import objective_value, ranked_objective, write_report
 from posttrain.secrets import redact, scrub_file
@@ -297,6 +302,18 @@ def help_text(overrides: list[str]) -> str:
 
 
 def main() -> None:
+    # a stop signal before the run's guard takes over (start-up, Hydra, the plan) exits 75 too
+    stop_at_once()
+    try:
+        _main()
+    except Preempted as e:
+        print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    for sig in SIGNALS:  # the run is complete: a stop signal from here on has nothing to stop
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _main() -> None:
     if sys.argv[1:2] == ["show"]:
         sys.exit(show.main(sys.argv[2:]))
     args = _shorthands(sys.argv[1:])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,7 +213,9 @@ def reuse_or_run(
             if is_main():
                 stage_cache.link_stage(cfg.run.output_path / run.name, run.folder)
             log(f"stage {run.name} ({run.stage.method}): reusing complete artifact {run.folder}")
-            return "reused", *agree(reused_stage(run, cfg, tokenizer, eval_rows) if is_main() else None)
+            evaluate = functools.partial(reused_stage, run, cfg, tokenizer, eval_rows)
+            reused = guard.on_main(f"stage {run.name}: evaluation", evaluate)
+            return "reused", *reused
         how = f"resuming {run.checkpoint}" if run.checkpoint else f"starting from {run.parent.name}"
         log(f"stage {run.name} ({run.stage.method}) {how}; rows: {len(run.data.train)} train")
         metrics, replies, stage_timings = run_stage(run, cfg, tokenizer, eval_rows, guard, index)
@@ -237,18 +240,22 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.run.seed)
     t0 = time.time()
     with PreemptionGuard(stop_file=launch.stop_file(out)) as guard:
-        with main_first():  # rank 0 builds the tiny model and fills the data caches
+        # one process: a signal stops the loading at once (several: each rank stops after it, together)
+        with guard.interruptible("loading the model and the data"), main_first():
+            # rank 0 builds the tiny model and fills the data caches
             base_source = models.base_model_source(cfg.model, cfg.run.cache_path)
             tokenizer = models.load_tokenizer(base_source, cfg.model)
             check_chat_template(cfg, tokenizer, base_source)
             log("loading data")
             data = load_all_data(cfg, tokenizer)
+        guard.check("after loading the data")
         eval_rows = eval_conversations(cfg, data)
         timings = {"setup": time.time() - t0}
 
         t = time.time()
-        base = evaluate_base(cfg, keys, tokenizer, eval_rows, base_source) if is_main() else None
-        base_metrics, base_replies = agree(base)
+        base_metrics, base_replies = guard.on_main(
+            "evaluating the base model", lambda: evaluate_base(cfg, keys, tokenizer, eval_rows, base_source)
+        )
         timings["eval:base"] = time.time() - t
         results = {"base": {"method": "base", "status": "base", "metrics": base_metrics, "path": base_source}}
         replies = {"base": base_replies}
@@ -262,7 +269,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             parent = previous if stage.init_from == "previous" else done[stage.init_from]
             reference = done[stage.reference] if stage.reference else None
             if name not in data:
-                data[name] = load_later(cfg, name, stage, tokenizer, done)
+                with guard.interruptible(f"loading stage {name}'s data"):
+                    data[name] = load_later(cfg, name, stage, tokenizer, done)
+                guard.check(f"after loading stage {name}'s data")
             fingerprint = stage_cache.data_fingerprint(stage.data, cfg.data.builtin, keys)
             run = StageRun(name, stage, keys[name], parent, data[name], out / name, fingerprint, reference=reference)
             run.reward_models = dict(reward_models)

@@ -9,10 +9,9 @@ the frozen config through `load_config` too, without the checks only the launch 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
-from posttrain import checkpoints, hub, memory
+from posttrain import artifacts, checkpoints, hub, memory
 from posttrain.config import (
     STAGE_PREFIX,
     ArchitectureConfig,
@@ -334,7 +333,8 @@ def check_references(cfg: Config) -> list[str]:
     data or model loads: the folders the run writes, the model, every local data file (opened,
     every row checked), the hub (asked once). Returns notes for the plan."""
     check_writable_folder(cfg.run.output_path, "run.output_dir")
-    check_writable_folder(cfg.run.cache_path, "run.cache_dir")
+    for folder in ("", "stages", "models", "data", "evals", "ref_logps"):  # what the run writes in the cache
+        check_writable_folder(cfg.run.cache_path / folder, "run.cache_dir")
     notes = _check_model(cfg)
     for name, stage in cfg.stages.items():
         for source in stage.data.source_list():
@@ -348,10 +348,9 @@ def check_references(cfg: Config) -> list[str]:
 
 
 def check_writable_folder(folder: Path, key: str) -> None:
-    """A folder the run will create or write into: it, or its nearest existing parent, is a writable folder."""
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: cannot create {folder}: {existing} is not a writable folder")
+    """A folder the run will create or write into: making a folder and writing a file where it goes works."""
+    if (why := artifacts.unwritable(folder)) is not None:
+        raise ConfigError(f"{key}: cannot create {folder}: {why}")
 
 
 def _check_model(cfg: Config) -> list[str]:

@@ -1,26 +1,76 @@
 """Preemption: SIGTERM or SIGUSR1 (what Slurm sends before it kills a job) asks the run to stop.
 
-The handler only sets a flag. During training a callback sees it after the current
-optimizer step, saves a checkpoint and stops the trainer; between stages the pipeline
-checks it. The stage's manifest is then marked `interrupted` and the process exits with
+During training the handler only sets a flag: a callback sees it after the current optimizer
+step, saves a checkpoint and stops the trainer; between stages the pipeline checks it. Every
+other long phase (data loading and tokenization, the reference log-prob pass, sampling pairs,
+GRPO's generation, evaluation, saving and merging) runs inside `guard.interruptible(where)`:
+there a signal raises Preempted at once, where the work is, so the run stops within seconds.
+What such a phase finished is on disk already (the reference log-probs and the pairs samples
+are written in parts, each through a temporary file and a rename); nothing it left looks
+complete. The stage's manifest is then marked `interrupted` and the process exits with
 EXIT_PREEMPTED, which `launch/slurm.sbatch` answers with `scontrol requeue`.
+
+Several processes: a rank raises at once only where it works alone (rank 0's evaluation and
+saving, which it hands to the others as "stopped"); in work every rank shares (collectives) the
+signal is a flag that the loops read together between parts (`check`, `agreed`), so no rank
+leaves while the others wait in a collective.
+
+    with PreemptionGuard(stop_file) as guard:
+        with guard.interruptible("evaluation"):
+            ...   # SIGTERM here: Preempted("SIGTERM during evaluation")
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.distributed import any_rank
+from posttrain.distributed import agree, any_rank, distributed, is_main
 
 # EX_TEMPFAIL from sysexits.h: "try again later"
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(Exception):
-    """Raised by the pipeline once the current work is saved."""
+class Preempted(BaseException):
+    """The run was asked to stop and what it finished is saved: exit EXIT_PREEMPTED.
+
+    A BaseException, like KeyboardInterrupt: raised by the signal handler wherever the work is,
+    it must not be taken for an error by library code's `except Exception`."""
+
+
+# a stop signal that came before the run's guard took over (see stop_at_once)
+_EARLY_STOP: str | None = None
+
+
+def stop_at_once(hard: bool = False) -> None:
+    """Until a guard takes over (the command's start-up: imports, Hydra, the plan), a stop signal
+    ends the process at once with EXIT_PREEMPTED (nothing has been written that a re-run needs):
+    by raising Preempted, or `hard`: by os._exit (while modules import, before anything can catch it)."""
+
+    def handle(signum, frame) -> None:
+        global _EARLY_STOP
+        _EARLY_STOP = signal.Signals(signum).name  # the run's guard stops at once if this was swallowed
+        reason = f"{_EARLY_STOP} before the run started"
+        if hard:
+            print(f"[posttrain] stopped by {reason}; re-run the same command to resume", flush=True)
+            os._exit(EXIT_PREEMPTED)
+        raise Preempted(reason)
+
+    for sig in SIGNALS:
+        signal.signal(sig, handle)
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    """What rank 0 hands the waiting ranks instead of a result when a signal stopped it."""
+
+    reason: str
 
 
 class PreemptionGuard:
@@ -29,9 +79,18 @@ class PreemptionGuard:
     and on other nodes a signal may never reach them)."""
 
     def __init__(self, stop_file: Path | None = None) -> None:
-        self.signal_name: str | None = None
+        self.signal_name: str | None = _EARLY_STOP
         self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
+        # the interruptible phases entered, innermost last (None: a shielded part inside one)
+        self._phases: list[str | None] = []
+        # a stop was raised in a phase (no second one is started: the first one's handlers run)
+        self._raised = False
+        # the stop raised in a phase that has not left it yet: raised again every RETRY_SECONDS
+        # (code that swallows exceptions, a weakref callback say, may have caught it)
+        self._in_flight: Preempted | None = None
+
+    RETRY_SECONDS = 0.2
 
     @property
     def requested(self) -> bool:
@@ -39,16 +98,74 @@ class PreemptionGuard:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
-        print(f"[posttrain] {self.signal_name} received: saving a checkpoint and stopping", flush=True)
+        if self._phases and self._phases[-1] is not None and not self._raised:
+            print(f"[posttrain] {self.signal_name} received during {self._phases[-1]}: stopping now", flush=True)
+            raise self._stop(f"{self.signal_name} during {self._phases[-1]}")
+        if not self._raised:
+            print(f"[posttrain] {self.signal_name} received: saving a checkpoint and stopping", flush=True)
+
+    def _retry(self, signum, frame) -> None:
+        """SIGALRM while a stop is in flight: raise it again until it leaves its phase."""
+        if self._in_flight is None:
+            return
+        signal.setitimer(signal.ITIMER_REAL, self.RETRY_SECONDS)
+        if self._phases and self._phases[-1] is not None:
+            raise self._in_flight
+
+    def _stop(self, message: str, in_phase: bool = True) -> Preempted:
+        """Preempted, raised in an interruptible phase (or on entering one); `alone`: by one rank of
+        several (the others learn it from `hand_over_stop`)."""
+        self._raised = True
+        stop = Preempted(message)
+        stop.alone = distributed()
+        if in_phase:
+            self._in_flight = stop
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_SECONDS)
+        return stop
 
     def __enter__(self) -> PreemptionGuard:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._retry)
         return self
 
     def __exit__(self, *exc) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def interruptible(self, where: str, alone: bool = False) -> Iterator[None]:
+        """A phase a signal stops at once (Preempted raised where the work is), in a process that
+        works alone: a single-process run, or `alone=True` (rank 0's own work, which the other ranks
+        wait for). Elsewhere in a multi-process run the signal stays a flag for `check`."""
+        if alone or not distributed():
+            if self.requested_here():
+                raise self._stop(f"{self.signal_name} before {where}", in_phase=False)
+            self._phases.append(where)
+            try:
+                yield
+            except Preempted:
+                self._in_flight = None  # it left the phase: no need to raise it again
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                raise
+            finally:
+                self._phases.pop()
+        else:
+            yield
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Inside an interruptible phase: a part a signal must not cut (a write and the count of
+        what it wrote); a signal that came meanwhile stops the phase right after it."""
+        self._phases.append(None)
+        try:
+            yield
+        finally:
+            self._phases.pop()
+        where = self._phases[-1] if self._phases else None
+        if where is not None and self.requested and not self._raised:
+            raise self._stop(f"{self.signal_name} during {where}")
 
     def requested_here(self) -> bool:
         """Whether this process was signalled or the stop file appeared (no other rank asked)."""
@@ -64,8 +181,43 @@ class PreemptionGuard:
         return self.requested
 
     def check(self, where: str) -> None:
+        """Every rank together: raise Preempted when any was asked to stop."""
         if self.agreed():
+            self._raised = True
             raise Preempted(f"{self.signal_name} {where}")
+
+    # --- rank 0's own work, which the other ranks wait for ---------------------------------
+
+    def on_main(self, where: str, work: Callable[[], Any]) -> Any:
+        """`work()` on rank 0 alone, where a signal stops it at once; its result on every rank
+        (the others wait for it, and stop with it)."""
+        if not is_main():
+            return self.handed_over()
+        try:
+            with self.interruptible(where, alone=True):
+                result = work()
+        except Preempted as stop:
+            self.hand_over_stop(stop)
+            raise
+        return self.hand_over(result)
+
+    def hand_over(self, value: Any) -> Any:
+        """On rank 0: its result of work it did alone, to the ranks waiting in `handed_over`."""
+        return agree(value)
+
+    def hand_over_stop(self, stop: Preempted) -> None:
+        """On rank 0, stopped in work it did alone: the waiting ranks stop too."""
+        if getattr(stop, "alone", False):
+            agree(_Stopped(str(stop)))
+
+    def handed_over(self) -> Any:
+        """On the other ranks: rank 0's result, or Preempted when it was stopped."""
+        value = agree(None)
+        if isinstance(value, _Stopped):
+            self.signal_name = self.signal_name or "a stop signal to rank 0"
+            self._raised = True
+            raise Preempted(value.reason)
+        return value
 
     def callback(self) -> Any:
         """A TrainerCallback that checkpoints and stops training once a signal came.

@@ -8,6 +8,11 @@ columns in `<reference artifact>/ref_logps/<split>-<key>.parquet` (the base mode
 attention, and the tokenized rows themselves, so every later stage or sweep point over
 the same reference and data reuses them. The policy equals the reference when the
 trainer is built, so no second copy of the weights is loaded to compute them.
+
+The pass runs in parts of PART_BATCHES batches (on every rank), each kept in
+`<split>-<key>.parts/<first row>-<end row>.parquet` as it is done: a pass stopped by a signal
+(or killed) resumes at the first missing part, and gives the same numbers (a part's batches are
+the whole pass's). The whole file is written (and the parts removed) once every part is there.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,8 +33,13 @@ from posttrain.locks import FileLock
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from posttrain.preemption import PreemptionGuard
+
 # the tokenized rows of a pair (DPO) or a single labelled reply (KTO)
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
+# batches (of every rank) per part of the pass: what a stop loses at most, and how often the
+# ranks of a multi-process run look for a stop request together
+PART_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class RefLogpsCache:
     reference_key: str
     # the model's dtype and attention implementation (they change the numbers)
     model_settings: str
+    # stops the pass between parts (and, in a process alone, inside one) when a signal came
+    guard: PreemptionGuard | None = field(default=None, compare=False, repr=False)
 
 
 def rows_digest(dataset: Dataset) -> str:
@@ -84,8 +97,11 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
 
         def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
             started = time.perf_counter()
+            phase = f"the reference log-prob pass ({name} rows)"
+            stoppable = cache.guard.interruptible(phase) if cache.guard else contextlib.nullcontext()
             try:
-                return self._cached_ref_logps(dataset, name, batch_size)
+                with stoppable:
+                    return self._cached_ref_logps(dataset, name, batch_size)
             finally:
                 self.ref_logps_seconds += time.perf_counter() - started
 
@@ -114,19 +130,58 @@ def caching_trainer(trainer_cls: type, trainer_module, cache: RefLogpsCache, log
                     self.ref_logps_source = {**self.ref_logps_source, name: "cache"}
                     log(f"reference log-probs of the {name} rows reused from {path}")
                     return concatenate_datasets([dataset, cached], axis=1)
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
-            self.ref_logps_source = {**self.ref_logps_source, name: "computed"}
+            added = self._computed_in_parts(dataset, name, batch_size, path)
             if self.accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-                added = [c for c in out.column_names if c not in dataset.column_names]
-                out.select_columns(added).to_parquet(str(tmp))
-                tmp.replace(path)
+                _write_parquet(added, path)
+                shutil.rmtree(parts_folder(path), ignore_errors=True)
                 log(f"reference log-probs of the {name} rows saved to {path}")
-            return out
+            return concatenate_datasets([dataset, added], axis=1)
+
+        def _computed_in_parts(self, dataset: Dataset, name: str, batch_size: int, path: Path) -> Dataset:
+            """The reference columns of `dataset`, part by part; a part kept by an earlier, stopped
+            attempt is read back."""
+            parts, size = parts_folder(path), batch_size * self.accelerator.num_processes * PART_BATCHES
+            columns, reused = [], 0
+            for start in range(0, len(dataset), size):
+                end = min(start + size, len(dataset))
+                part_path = parts / f"{start:010d}-{end:010d}.parquet"
+                if agree(part_path.is_file()):
+                    columns.append(Dataset.from_parquet(str(part_path)))
+                    reused += 1
+                    continue
+                rows = dataset.select(range(start, end))
+                if self.accelerator.num_processes > 1:  # TRL's hand-over file, shared (see above)
+                    rows._get_cache_file_path = lambda fingerprint: str(cache.folder / f"trl-{fingerprint}.arrow")
+                out = super()._precompute_ref_logps(rows, name, batch_size)
+                part = out.select_columns([c for c in out.column_names if c not in rows.column_names])
+                if self.accelerator.is_main_process:
+                    _write_parquet(part, part_path)
+                columns.append(part)
+                if end < len(dataset) and cache.guard is not None:
+                    cache.guard.check(f"during the reference log-prob pass ({name} rows, {end} of {len(dataset)})")
+            if reused:
+                log(f"reference log-probs of the {name} rows: {reused} of {len(columns)} parts reused from {parts}")
+            self.ref_logps_source = {**self.ref_logps_source, name: "computed" if reused < len(columns) else "parts"}
+            return concatenate_datasets(columns)
 
     CachingTrainer.__name__ = f"Caching{trainer_cls.__name__}"
     return CachingTrainer
+
+
+def parts_folder(path: Path) -> Path:
+    """Where the parts of the pass that writes `path` are kept until the whole file is written."""
+    return path.with_name(f"{path.stem}.parts")
+
+
+def _write_parquet(dataset: Dataset, path: Path) -> None:
+    """`dataset` to `path` through a temporary file and a rename (a cut-short file is never seen)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        dataset.to_parquet(str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def with_cached_reference(trainer_cls: type, trainer_module, cache: RefLogpsCache | None, settings: str) -> type:

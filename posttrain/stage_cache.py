@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -227,11 +226,17 @@ def check_run_folder(cfg: Config, keys: dict[str, str]) -> None:
             continue
         manifest = artifacts.read_manifest(folder)
         where = f"run.output_dir: {folder}"
+        if not folder.is_dir():
+            raise ConfigError(
+                f"{where} is a file in the way of stage {name}'s folder; move it or choose another run.output_dir"
+            )
+        complete = manifest is not None and manifest.get("status") == "complete"
+        if not complete and (why := artifacts.unwritable(folder)) is not None:  # resumed or replaced: written
+            raise ConfigError(f"{where}: cannot write stage {name}'s folder: {why}")
         if manifest is None:
             if folder.is_dir() and any(folder.iterdir()):
                 raise ConfigError(f"{where} exists but is not a posttrain stage; choose a new run.output_dir")
             continue
-        complete = manifest.get("status") == "complete"
         if manifest.get("key") == keys[name]:
             if complete and not cfg.run.reuse and not folder.is_symlink():
                 raise ConfigError(f"{where} holds this stage complete; run.reuse=false needs a new run.output_dir")
@@ -283,5 +288,5 @@ def link_stage(own: Path, folder: Path) -> None:
     if own.is_symlink() or own.is_file():
         own.unlink()
     elif own.exists():
-        shutil.rmtree(own)  # an unfinished attempt (check_run_folder refused anything complete)
+        artifacts.remove_folder(own)  # an unfinished attempt (check_run_folder refused anything complete)
     own.symlink_to(folder, target_is_directory=True)

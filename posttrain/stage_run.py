@@ -81,6 +81,11 @@ class Policy:
     ref_model: PreTrainedModel | None
 
 
+def log(message: str) -> None:
+    if distributed.is_main():
+        print(f"[posttrain] {message}", flush=True)
+
+
 def trains_loaded_weights(stage: StageConfig, cfg: Config) -> bool:
     """Full fine-tuning by a plain trainer updates the loaded weights themselves (so they load as
     fp32 master weights under model.dtype=auto); LoRA trains adapters, DeepSpeed its own fp32 copy."""
@@ -161,22 +166,26 @@ def train_stage(
     args |= tokenization_processes(spec, run.stage, len(run.data.train))
     zero3 = deepspeed_settings(run, cfg, args)
     rss_before_model = distributed.memory_mark() if cfg.run.rank_logs else None
-    policy = build_policy(run, cfg, tokenizer)
-    trainer = spec.make_trainer(
-        TrainerInputs(
-            cfg=run.stage,
-            model=policy.model,
-            ref_model=policy.ref_model,
-            tokenizer=tokenizer,
-            train_dataset=run.data.train,
-            eval_dataset=trainer_eval_rows(run),
-            args=args,
-            peft_config=policy.peft_config,
-            callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
-            ref_logps=ref_logps_cache(run, cfg) if spec.uses_reference else None,
-            reward=stage_reward(run, cfg, tokenizer) if spec.uses_reward else None,
+    # loading, tokenizing the rows and the reference log-prob pass (TRL runs both when it builds the trainer)
+    with guard.interruptible(f"stage {run.name}: loading the model, tokenizing and the reference pass"):
+        policy = build_policy(run, cfg, tokenizer)
+        trainer = spec.make_trainer(
+            TrainerInputs(
+                cfg=run.stage,
+                model=policy.model,
+                ref_model=policy.ref_model,
+                tokenizer=tokenizer,
+                train_dataset=run.data.train,
+                eval_dataset=trainer_eval_rows(run),
+                args=args,
+                peft_config=policy.peft_config,
+                callbacks=[metrics_logger(run.folder / "metrics.jsonl"), guard.callback(), *callbacks],
+                ref_logps=ref_logps_cache(run, cfg, guard) if spec.uses_reference else None,
+                reward=stage_reward(run, cfg, tokenizer) if spec.uses_reward else None,
+                guard=guard,
+            )
         )
-    )
+    guard.check(f"before stage {run.name} trained")  # several processes: every rank stops here together
     use_stage_optimizer(trainer, run.stage, args)
     use_stage_progress_bar(trainer, run.name)
     if cfg.run.rank_logs:
@@ -192,7 +201,10 @@ def train_stage(
     if run.checkpoint is not None:
         metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, run.checkpoint, result)
     if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        log(f"stage {run.name}: held-out loss")
+        with guard.interruptible(f"stage {run.name}: the held-out loss"):
+            metrics.update(trainer.evaluate())
+        guard.check(f"after stage {run.name}'s held-out loss")
     if spec.uses_reward:
         metrics.update(reward_trend(trainer.state.log_history))
     trained = trainer.model
@@ -208,7 +220,8 @@ def train_stage(
         unset_hf_deepspeed_config()  # later loads (this model, evaluation) are plain, not partitioned
         trained = load_saved(run, cfg, tokenizer) if distributed.is_main() else None
     elif stage_peft(run.stage, cfg.peft) != "none" and distributed.is_main():
-        trained = merged(trained, policy, run, cfg)
+        with guard.interruptible(f"stage {run.name}: merging its adapter", alone=True):
+            trained = merged(trained, policy, run, cfg)
     del trainer, policy, zero3
     return trained, metrics
 
@@ -250,25 +263,33 @@ def make_stage_data(run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuar
     """A data stage's work, on rank 0 (the others wait): its metrics, or None when stopped."""
     metrics = None
     if distributed.is_main():
-        spec = STAGES[run.stage.method]
-        model = models.load_model(run.parent.source, cfg.model, pad_token_id=tokenizer.pad_token_id)
-        inputs = DataStageInputs(
-            cfg=run.stage,
-            model=model,
-            tokenizer=tokenizer,
-            train_prompts=run.data.train,
-            eval_prompts=run.data.eval,
-            reward=stage_reward(run, cfg, tokenizer),
-            folder=run.folder,
-            source=run.parent.source,
-            seed=cfg.run.seed,
-            checkpoint=run.checkpoint,
-            stop_requested=guard.requested_here,
-        )
-        metrics = spec.make_data(inputs)
-        metrics = {"stopped": True} if metrics is None else metrics
-        del model, inputs
+        try:
+            with guard.interruptible(f"stage {run.name}: loading its model", alone=True):
+                metrics = _make_data(run, cfg, tokenizer, guard)
+        except Preempted:
+            metrics = {"stopped": True}
     return distributed.agree(metrics)
+
+
+def _make_data(run: StageRun, cfg: Config, tokenizer, guard: PreemptionGuard) -> dict[str, float]:
+    spec = STAGES[run.stage.method]
+    model = models.load_model(run.parent.source, cfg.model, pad_token_id=tokenizer.pad_token_id)
+    inputs = DataStageInputs(
+        cfg=run.stage,
+        model=model,
+        tokenizer=tokenizer,
+        train_prompts=run.data.train,
+        eval_prompts=run.data.eval,
+        reward=stage_reward(run, cfg, tokenizer),
+        folder=run.folder,
+        source=run.parent.source,
+        seed=cfg.run.seed,
+        checkpoint=run.checkpoint,
+        guard=guard,
+    )
+    metrics = spec.make_data(inputs)
+    del model, inputs
+    return {"stopped": True} if metrics is None else metrics
 
 
 def deepspeed_settings(run: StageRun, cfg: Config, args: dict[str, Any]):
@@ -315,7 +336,7 @@ def load_full_precision_merged(run: StageRun, cfg: Config, base: str, adapters: 
     return peft_handoff.with_adapters(full, adapters).merge_and_unload()
 
 
-def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:
+def ref_logps_cache(run: StageRun, cfg: Config, guard: PreemptionGuard | None = None) -> RefLogpsCache:
     """Reference log-probs live beside the reference artifact (the base model's in the cache)."""
     reference = run.reference_artifact
     folder = Path(reference.source) / "ref_logps"
@@ -325,7 +346,7 @@ def ref_logps_cache(run: StageRun, cfg: Config) -> RefLogpsCache:
     quantized = stage_peft(run.stage, cfg.peft) == "qlora"
     dtypes = f"{trained_dtype(run.stage, cfg)}>{models.compute_dtype(cfg.model.dtype)}"
     settings = f"{dtypes}|{cfg.model.attn_implementation}|{'nf4' if quantized else 'full'}"
-    return RefLogpsCache(folder, reference.key, settings)
+    return RefLogpsCache(folder, reference.key, settings, guard)
 
 
 def whole_run_train_loss(log_history: list[dict], checkpoint: Path, result) -> float:
@@ -398,7 +419,7 @@ def prepare_folder(run: StageRun, cfg: Config) -> None:
         if own.is_symlink():
             own.unlink()
         elif own.exists():
-            shutil.rmtree(own)  # an unfinished attempt: place_stage never trains over a complete one
+            artifacts.remove_folder(own)  # an unfinished attempt: place_stage never trains over a complete one
         own.mkdir(parents=True)
         return
     step = artifacts.checkpoint_step(run.checkpoint)
@@ -436,6 +457,7 @@ def run_stage(
     distributed.barrier()
     timings = {}
     tracker = StageTracker(cfg.logger if main else LoggerConfig(), run.name, cfg.run.output_path, run.folder, running)
+    metrics: dict[str, Any] = {}
     try:
         with tracker:
             if STAGES[run.stage.method].make_data is not None:
@@ -444,21 +466,18 @@ def run_stage(
                 model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
             timings[f"train:{run.name}"] = time.time() - started
             if metrics.get("stopped"):
-                checkpoint = artifacts.last_checkpoint(run.folder)
-                attempts[-1]["ended"] = time.time()  # stopped here: `posttrain show` counts its time
-                if main:
-                    manifest = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
-                    artifacts.write_json_atomic(manifest_path, manifest)
-                raise Preempted(f"{guard.signal_name}: stage {run.name} saved {checkpoint}")
+                raise Preempted(f"{guard.signal_name}: stage {run.name} saved {artifacts.last_checkpoint(run.folder)}")
             if not main:
                 del model
-                metrics, replies = distributed.agree(None)
+                metrics, replies = guard.handed_over()  # rank 0's, or Preempted when it was stopped
                 return metrics, replies, timings
             if model is not None and (dtype := saved_dtype(run.stage, cfg)) is not None:
                 model.to(dtype)  # evaluated as saved
             t = time.time()
             if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model (or data) does not generate
-                eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
+                log(f"stage {run.name}: evaluating")
+                with guard.interruptible(f"stage {run.name}: evaluation", alone=True):
+                    eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
                 metrics.update(eval_metrics)
             else:
                 replies = []
@@ -466,7 +485,9 @@ def run_stage(
             timings[f"eval:{run.name}"] = time.time() - t
         t = time.time()
         if model is not None:
-            save_model(run, model, tokenizer)
+            log(f"stage {run.name}: saving {run.folder}")
+            with guard.interruptible(f"stage {run.name}: saving", alone=True):
+                save_model(run, model, tokenizer)
         shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
         del model
         gc.collect()
@@ -483,9 +504,21 @@ def run_stage(
         )
         artifacts.write_json_atomic(manifest_path, manifest)
         timings[f"save:{run.name}"] = time.time() - t
-        distributed.agree((metrics, replies))
+        guard.hand_over((metrics, replies))
         return metrics, replies, timings
-    except (Preempted, KeyboardInterrupt):
+    except Preempted as e:
+        checkpoint = artifacts.last_checkpoint(run.folder)
+        attempts[-1]["ended"] = time.time()  # stopped here: `posttrain show` counts its time
+        if main:
+            interrupted = stage_manifest(run, cfg, "interrupted", attempts=attempts, checkpoint=checkpoint)
+            with contextlib.suppress(OSError):
+                artifacts.write_json_atomic(manifest_path, interrupted)
+            guard.hand_over_stop(e)  # the other ranks wait for rank 0's metrics when it stopped alone
+        if metrics.get("stopped"):  # training stopped at the checkpoint it saved
+            raise
+        resumes = f"resumes from {checkpoint.name}" if checkpoint else "starts again"
+        raise Preempted(f"{e}; stage {run.name} {resumes}") from None
+    except KeyboardInterrupt:
         raise
     except BaseException as e:
         if main:

@@ -158,3 +158,58 @@ def test_slurm_sweep_launcher_composes():
     launcher = proc.stdout.split("\n  launcher:\n", 1)[1]
     assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in launcher
     assert "partition: gpu" in launcher and "max_num_timeout: 3" in launcher
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 64 KiB tmpfs (root and mount(8) needed), unmounted afterwards."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [["plan=true"], [], ["-m", "align.beta=0.1,0.2"]])
+def test_a_run_folder_on_a_pseudo_file_system_is_one_line_before_hydra_makes_it(args):
+    line = _one_error_line(posttrain(*args, "run.output_dir=/proc/posttrain-run"))
+    assert line == (
+        "error: run.output_dir: cannot create /proc/posttrain-run: /proc is not a writable folder "
+        "(No such file or directory)"
+    )
+
+
+def test_a_cache_on_a_pseudo_file_system_is_one_line(tmp_path):
+    line = _one_error_line(posttrain("plan=true", f"run.output_dir={tmp_path / 'run'}", "run.cache_dir=/proc/x"))
+    assert line.startswith("error: run.cache_dir: cannot create /proc/x: /proc is not a writable folder")
+
+
+def test_a_full_disk_is_one_line_before_any_work(small_mount):
+    (small_mount / "filler").write_bytes(b"\0" * 64 * 1024)  # as much as fits
+    line = _one_error_line(posttrain(f"run.output_dir={small_mount / 'run'}"))
+    assert line.startswith(f"error: run.output_dir: cannot create {small_mount / 'run'}: {small_mount} is not")
+    assert "No space left on device" in line
+
+
+def test_a_read_only_file_system_is_one_line(small_mount, tmp_path):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    line = _one_error_line(posttrain(f"run.output_dir={tmp_path / 'run'}", f"run.cache_dir={small_mount / 'cache'}"))
+    assert line.endswith("is not a writable folder (Read-only file system)")
+
+
+def test_a_file_in_the_way_of_a_stage_folder_is_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sft").write_text("not a folder")
+    line = _one_error_line(posttrain("plan=true", f"run.output_dir={tmp_path / 'run'}"))
+    assert line == (
+        f"error: run.output_dir: {tmp_path / 'run' / 'sft'} is a file in the way of stage sft's folder; "
+        "move it or choose another run.output_dir"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from transformers import TrainerControl, TrainerState
@@ -45,3 +46,63 @@ def test_no_checkpoint_at_the_last_step_even_when_one_is_due():
         assert not _step_end(guard, 6, should_save=True).should_save
         os.kill(os.getpid(), signal.SIGTERM)
         assert not _step_end(guard, 6).should_save  # the stage finishes and saves its final model instead
+
+
+def test_in_an_interruptible_phase_a_signal_stops_the_work_at_once():
+    with PreemptionGuard() as guard:
+        with pytest.raises(Preempted, match="SIGUSR1 during the reference pass"):
+            with guard.interruptible("the reference pass"):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(5)  # never reached: the handler raised where the work was
+        # the next phase does not start either
+        with pytest.raises(Preempted, match="SIGUSR1 before evaluation"):
+            with guard.interruptible("evaluation"):
+                pass
+
+
+def test_outside_the_phases_a_signal_is_a_flag():
+    with PreemptionGuard() as guard:
+        with guard.interruptible("loading data"):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)  # training: the callback saves a checkpoint at the step end
+        assert guard.requested
+
+
+def test_a_stop_swallowed_by_library_code_is_raised_again_until_it_leaves_the_phase():
+    swallowed = 0
+    with PreemptionGuard() as guard:
+        with pytest.raises(Preempted):
+            with guard.interruptible("tokenizing"):
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and swallowed < 2:
+                    try:
+                        if not guard.requested:
+                            os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(0.05)
+                    except BaseException:  # what a weakref callback does with an exception: ignore it
+                        swallowed += 1
+                time.sleep(1)  # raised again within RETRY_SECONDS
+    assert swallowed == 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_shielded_write_is_not_cut_and_the_stop_follows_it():
+    written = []
+    with PreemptionGuard() as guard:
+        with pytest.raises(Preempted, match="SIGTERM during sampling"):
+            with guard.interruptible("sampling"):
+                with guard.shielded():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    written.append("lines and their count")
+                written.append("never")
+    assert written == ["lines and their count"]
+
+
+def test_rank_0_work_in_a_single_process_hands_its_result_or_stops():
+    with PreemptionGuard() as guard:
+        assert guard.on_main("evaluating the base model", lambda: ({"exact_match": 0.5}, [])) == (
+            {"exact_match": 0.5},
+            [],
+        )
+        with pytest.raises(Preempted, match="SIGTERM during evaluating"):
+            guard.on_main("evaluating the base model", lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
     from posttrain.config import Config
+    from posttrain.preemption import PreemptionGuard
     from posttrain.ref_logps import RefLogpsCache
     from posttrain.rewards import Reward
 
@@ -85,6 +86,9 @@ class TrainerInputs:
     ref_logps: RefLogpsCache | None = None
     # the stage's reward source (online methods)
     reward: Reward | None = None
+    # the run's preemption guard: a method's long phases inside a training step (GRPO's
+    # generation) stop at once on a signal (posttrain/preemption.py)
+    guard: PreemptionGuard | None = None
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every TRL trainer takes, besides its config."""
@@ -118,8 +122,8 @@ class DataStageInputs:
     seed: int
     # the checkpoint a resumed stage continues from
     checkpoint: Path | None
-    # True once a stop was requested (preemption): checked after every batch of prompts
-    stop_requested: Callable[[], bool]
+    # the run's preemption guard (posttrain/preemption.py): the sampling is interruptible
+    guard: PreemptionGuard
 
 
 def batch_rows_for_steps(stage: StageConfig, world: int) -> int | None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from posttrain.config import require
 from posttrain.data.builtin import task_of
 from posttrain.generation import Sampler, SamplingSettings, vllm_usable
 from posttrain.stages.band import BandConfig, band_callback, band_sampler, pass_rates
 from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs, last_turn_text
+
+if TYPE_CHECKING:
+    from posttrain.preemption import PreemptionGuard
 
 # TRL 1.16's GRPO losses (luspo needs importance_sampling_level: sequence)
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -191,10 +195,24 @@ def make_trainer(inputs: TrainerInputs):
     trainer_cls = GRPOTrainer if cfg.band is None else band_trainer(GRPOTrainer)
     trainer = trainer_cls(reward_funcs=trl_rewards(inputs), args=args, **kwargs)
     task_rewards(trainer)
+    if inputs.guard is not None:
+        stop_during_generation(trainer, inputs.guard)
     if cfg.band is not None:
         score = band_scorer(trainer, inputs)
         trainer.add_callback(band_callback(trainer, cfg.band, score, seed=args.seed))
     return trainer
+
+
+def stop_during_generation(trainer, guard: PreemptionGuard) -> None:
+    """A stop signal during a step's sampling and scoring ends it at once (one process; with several
+    the step ends first and checkpoints): the step is redone from the last checkpoint."""
+    generate = trainer._generate_and_score_completions
+
+    def interruptible(*args, **kwargs):
+        with guard.interruptible(f"GRPO's generation (step {trainer.state.global_step + 1})"):
+            return generate(*args, **kwargs)
+
+    trainer._generate_and_score_completions = interruptible
 
 
 def band_trainer(grpo_trainer: type) -> type:

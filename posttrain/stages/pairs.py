@@ -22,6 +22,7 @@ from posttrain import artifacts
 from posttrain.config import require
 from posttrain.data.formats import DataError
 from posttrain.generation import ENGINES, ReplyDetail, Sampler, SamplingSettings
+from posttrain.preemption import Preempted
 from posttrain.stages.band import PassBand
 from posttrain.stages.base import DataStageInputs, OnlineStageConfig, StageSpec, last_turn_text
 
@@ -126,34 +127,41 @@ def make_data(inputs: DataStageInputs) -> dict[str, float] | None:
     sampler = Sampler(inputs.model, inputs.tokenizer, settings, inputs.source)
     out = inputs.folder / "pairs"
     out.mkdir(parents=True, exist_ok=True)
-    done = resume_state(inputs.folder, inputs.checkpoint)
+    done, lines = resume_state(inputs.folder, inputs.checkpoint)
     splits = [
         ("train", _first(inputs.train_prompts, cfg.num_prompts)),
         ("test", _first(inputs.eval_prompts, cfg.num_eval_prompts)),
     ]
     total = sum(-(-len(rows) // cfg.generation_batch_size) for _, rows in splits if rows is not None)
     bar = tqdm(total=total, initial=sum(done.values()), desc="pairs", unit="batch")
+    guard = inputs.guard
     try:
-        for offset, (split, rows) in enumerate(splits):
-            if rows is None:
-                continue
-            path = out / f"samples-{split}.jsonl"
-            for i, chunk in enumerate(_chunks(rows, cfg.generation_batch_size)):
-                if i < done.get(split, 0):
+        # this process works alone (the others wait for its metrics): a signal stops it at once
+        with guard.interruptible("the pairs stage's sampling and scoring", alone=True):
+            for offset, (split, rows) in enumerate(splits):
+                if rows is None:
                     continue
-                # seeded by position: a resumed stage samples what an uninterrupted one would
-                seed = inputs.seed * 1_000_003 + offset * 100_003 + i
-                replies, details = sampler.sample_with_details(chunk["prompt"], seed=seed)
-                records = _scored(chunk, replies, details, inputs.reward)
-                _append(path, records)
-                done[split] = i + 1
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in _sample_metrics(records, cfg.num_samples).items()})
-                stop = inputs.stop_requested()
-                if stop or (cfg.checkpoint_steps and sum(done.values()) % cfg.checkpoint_steps == 0):
-                    save_checkpoint(inputs.folder, done)
-                if stop:
-                    return None
+                path = out / f"samples-{split}.jsonl"
+                for i, chunk in enumerate(_chunks(rows, cfg.generation_batch_size)):
+                    if i < done.get(split, 0):
+                        continue
+                    # seeded by position: a resumed stage samples what an uninterrupted one would
+                    seed = inputs.seed * 1_000_003 + offset * 100_003 + i
+                    replies, details = sampler.sample_with_details(chunk["prompt"], seed=seed)
+                    records = _scored(chunk, replies, details, inputs.reward)
+                    with guard.shielded():  # the batch's lines and their count, together
+                        _append(path, records)
+                        done[split], lines[split] = i + 1, lines.get(split, 0) + len(records)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in _sample_metrics(records, cfg.num_samples).items()})
+                    if cfg.checkpoint_steps and sum(done.values()) % cfg.checkpoint_steps == 0:
+                        save_checkpoint(inputs.folder, done, lines)
+                    if guard.requested_here():  # the stop file (a signal to another rank or node)
+                        raise Preempted(f"{guard.signal_name} during the pairs stage's sampling")
+    except Preempted:
+        if done:
+            save_checkpoint(inputs.folder, done, lines)  # every batch sampled so far is kept
+        return None
     finally:
         bar.close()
         sampler.close()
@@ -242,27 +250,26 @@ def _write_pairs(out: Path, min_gap: float, k: int, band: PassBand | None = None
     return metrics
 
 
-def resume_state(folder: Path, checkpoint: Path | None) -> dict[str, int]:
-    """Chunks done at `checkpoint`; the sample files cut back to what it covers."""
+def resume_state(folder: Path, checkpoint: Path | None) -> tuple[dict[str, int], dict[str, int]]:
+    """Chunks and sample lines of each split done at `checkpoint`; the sample files cut back to
+    what it covers."""
     if checkpoint is None:
-        return {}
+        for split in SPLITS:  # an attempt stopped before its first checkpoint: start afresh
+            (folder / "pairs" / f"samples-{split}.jsonl").unlink(missing_ok=True)
+        return {}, {}
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     for split, lines in state["lines"].items():
         path = folder / "pairs" / f"samples-{split}.jsonl"
         kept = path.read_text().splitlines()[:lines] if path.exists() else []
         path.write_text("".join(line + "\n" for line in kept))
-    return dict(state["chunks"])
+    return dict(state["chunks"]), dict(state["lines"])
 
 
-def save_checkpoint(folder: Path, done: dict[str, int]) -> Path:
-    """A checkpoint of the generation: how many chunks and lines of each split are written."""
-    lines = {}
-    for split in SPLITS:
-        path = folder / "pairs" / f"samples-{split}.jsonl"
-        lines[split] = len(path.read_text().splitlines()) if path.exists() else 0
+def save_checkpoint(folder: Path, done: dict[str, int], lines: dict[str, int]) -> Path:
+    """A checkpoint of the generation: how many chunks and sample lines of each split are written."""
     step = sum(done.values())
     checkpoint = folder / "checkpoints" / f"checkpoint-{step}"
-    state = {"global_step": step, "chunks": done, "lines": lines, "time": time.time()}
+    state = {"global_step": step, "chunks": done, "lines": {s: lines.get(s, 0) for s in SPLITS}, "time": time.time()}
     artifacts.write_json_atomic(checkpoint / "trainer_state.json", state)
     return checkpoint
 
