@@ -68,13 +68,18 @@ class StageConfig:
     conf/shared/stage.yaml's, which every sft/align/pairs option pulls in (tests/test_config.py
     compares them); a method's subclass redefines what its own option changes."""
 
+    # the method from the stage registry (posttrain/stages/): sft, dpo, orpo, kto, cpo, simpo, rm,
+    # pairs, grpo, a plugin's, or none (the stage does not run)
     method: str = "none"
+    # where the model starts: base, previous (the stage before it in run.stages), or an earlier stage
     init_from: str = "previous"
     # the frozen model a method with a reference compares the policy with: null (the stage it
     # starts from), base, or an earlier stage; reference-free methods take none
     reference: str | None = None
     # PEFT for this stage: null (the peft group's method), none (full fine-tuning), lora, qlora
     peft: str | None = None
+    # the rows it trains on: a data source (each method's option points it at data.sft or
+    # data.preference; a source of its own: {path: /data/pairs.jsonl})
     data: DataSource = field(default_factory=DataSource)
     learning_rate: float = 1e-5
     num_train_epochs: float = 1.0
