@@ -376,7 +376,7 @@ def data_page(defaults: dict[str, str]) -> Page:
     page = Page("data.md", front("data", GENERATED))
     files = group_files("data", ("ultrachat_ultrafeedback", "tiny"))
     tiny = [f for f in files if f.path.stem == "tiny"]
-    page.add("## `data.builtin`", "", "The built-in verifiable tasks (`builtin:sft`, `builtin:preference`).", "")
+    page.add("## `data.builtin` { #data-builtin }", "", "The built-in verifiable tasks (`builtin:sft`, `builtin:preference`).", "")
     page.fields(
         Block(TaskSpec, "data-builtin", [(f, "builtin.") for f in tiny] + [None], values=[(tiny[0], "builtin.")])
     )
@@ -531,7 +531,8 @@ def sweep_page(defaults: dict[str, str]) -> Page:
     page.fields(Block(schema.LoggerConfig, "logger", [(f, "") for f in loggers] + [None], values=[(loggers[1], "")]))
     page.add("## `logger` options", "", *render_options(loggers, "logger", defaults.get("logger")))
     for group in ("hydra/sweeper", "hydra/launcher"):
-        page.add(f"## `{group}` options", "", *render_options(group_files(group), group, None))
+        anchor = group.replace("/", "-")
+        page.add(f"## `{group}` options {{ #{anchor} }}", "", *render_options(group_files(group), group, None))
     return page
 
 
