@@ -17,6 +17,7 @@ import html
 import inspect
 import re
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ def dataclass_comments(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        lines = inspect.getsource(klass).splitlines()
+        lines = textwrap.dedent(inspect.getsource(klass)).splitlines()
         start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("class "))
         pending: list[str] = []
         for line in lines[start + 1 :]:
