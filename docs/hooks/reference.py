@@ -307,7 +307,8 @@ def render_options(files: list[YamlFile], group: str, default: str | None) -> li
     out = ["| option | what it is |", "|---|---|"]
     for f in files:
         mark = " (default)" if f.path.stem == default else ""
-        out.append(f"| `{group}={f.path.stem}`{mark} | {prose(f.description) or '-'} |")
+        cell = prose(f.description).replace("|", "\\|") or "-"  # a pipe in <|eot_id|> would end the cell
+        out.append(f"| `{group}={f.path.stem}`{mark} | {cell} |")
     out.append("")
     for f in files:
         out += [f'??? example "`{group}={f.path.stem}`: conf/{f.name}"', "", "    ```yaml"]
@@ -377,7 +378,12 @@ def data_page(defaults: dict[str, str]) -> Page:
     page = Page("data.md", front("data", GENERATED))
     files = group_files("data", ("ultrachat_ultrafeedback", "tiny"))
     tiny = [f for f in files if f.path.stem == "tiny"]
-    page.add("## `data.builtin` { #data-builtin }", "", "The built-in verifiable tasks (`builtin:sft`, `builtin:preference`).", "")
+    page.add(
+        "## `data.builtin` { #data-builtin }",
+        "",
+        "The built-in verifiable tasks (`builtin:sft`, `builtin:preference`).",
+        "",
+    )
     page.fields(
         Block(TaskSpec, "data-builtin", [(f, "builtin.") for f in tiny] + [None], values=[(tiny[0], "builtin.")])
     )
