@@ -50,7 +50,7 @@ def state_bytes(name: str) -> int:
 
 def __getattr__(name: str):
     # the class subclasses torch.optim.Optimizer: defined on first use, so importing this module
-    # (config.py reads the names above) does not import torch
+    # (posttrain/config/stage.py reads the names above) does not import torch
     if name == "AdamWBF16":
         return _adamw_bf16()
     raise AttributeError(name)

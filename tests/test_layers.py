@@ -1,4 +1,4 @@
-"""The package's layers (README, "where things are"): posttrain modules import each other at the
+"""The package's layers (docs/contributing.md, "Where things are"): posttrain modules import each other at the
 top of the file, downward only, with no cycle; heavy third-party libraries are imported inside
 functions, so `posttrain --help` and `plan=true` start fast."""
 

@@ -24,7 +24,9 @@ from posttrain.config import require
 class PassBand:
     """The pass rates kept: low <= rate <= high (a reply passes when its reward >= pass_reward)."""
 
+    # the lowest pass rate kept (a prompt's share of passing replies)
     low: float = 0.1
+    # the highest pass rate kept
     high: float = 0.9
     # the reward a reply needs to pass (1.0: the exact answer of the built-in checkers)
     pass_reward: float = 1.0
