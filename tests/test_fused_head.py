@@ -4,9 +4,9 @@ every-position path."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from trl.kernels.chunked_logprob import _use_triton as trl_choice
 from trl.trainer import utils as trl_utils
 from trl.trainer.utils import add_fused_lm_head
 
@@ -37,7 +37,9 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def run(monkeypatch, compact: bool, rows_seen: list[int]):
-    """One forward and backward; records how many positions the kernel projected."""
+    """One forward and backward; records how many positions the kernel projected. TRL's own choice
+    first (a trainer built earlier in this process has patched it), restored after the test."""
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_choice)
     if compact:
         score_labelled_positions_only()
 
@@ -53,12 +55,7 @@ def run(monkeypatch, compact: bool, rows_seen: list[int]):
     return out, grads
 
 
-@pytest.fixture
-def restore_trl(monkeypatch):
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
-
-
-def test_the_cpu_projects_only_labelled_positions_and_computes_the_same(monkeypatch, restore_trl):
+def test_the_cpu_projects_only_labelled_positions_and_computes_the_same(monkeypatch):
     every, compact = [], []
     full_out, full_grads = run(monkeypatch, False, every)
     out, grads = run(monkeypatch, True, compact)
@@ -75,6 +72,7 @@ def test_the_cpu_projects_only_labelled_positions_and_computes_the_same(monkeypa
         assert torch.allclose(grad, grads[name], atol=1e-6), name
 
 
-def test_patching_twice_is_patching_once(restore_trl):
+def test_patching_twice_is_patching_once(monkeypatch):
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_choice)
     assert score_labelled_positions_only() and score_labelled_positions_only()
     assert trl_utils._use_triton(torch.device("cpu")) and trl_utils._use_triton.posttrain_compact
