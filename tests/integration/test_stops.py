@@ -39,9 +39,10 @@ PHASES = {
     ),
     "GRPO generation": (
         signal.SIGTERM,
-        ["align=grpo", "align.max_completion_length=96", "align.per_device_train_batch_size=8"],
-        "stage align (grpo) starting",
-        4.0,
+        # long replies, many steps: most of the stage's time is generation
+        ["align=grpo", "align.max_completion_length=128", "align.per_device_train_batch_size=8", "align.max_steps=40"],
+        "align:   0%",
+        1.0,
         "",
     ),
 }
