@@ -10,11 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.integration.test_distributed import LOSS_RTOL, PROBS_ATOL, rank_log
+from tests.integration.test_distributed import PROBS_ATOL, rank_log
 from tests.real_model.conftest import posttrain_real
 
 pytestmark = pytest.mark.real_model
 
+# the logged losses vs one process: the tiny model's SFT bound (1e-5) held with TRL's full-width LM
+# head; with the labelled positions only (posttrain/fused_head.py) the 30 layers of the real model
+# gave 8.1e-5 at step 2 (its rounding differs when each rank projects its own rows' positions)
+REAL_LOSS_RTOL = 2e-4
 ZERO3 = [
     "run.stages=[sft]",
     "deepspeed=zero3",
@@ -43,7 +47,7 @@ def test_two_zero3_workers_train_like_one_process_on_the_same_global_batch(real_
         assert sorted(rows0[step] + rows1[step]) == sorted(expected), f"step {step}: other rows"
     assert losses0 == losses1 and len(losses0) == len(alone_losses) == 2
     for (step, loss), (step_alone, loss_alone) in zip(losses0, alone_losses, strict=True):
-        assert step == step_alone and loss == pytest.approx(loss_alone, rel=LOSS_RTOL["sft"]), f"step {step}"
+        assert step == step_alone and loss == pytest.approx(loss_alone, rel=REAL_LOSS_RTOL), f"step {step}"
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     reference = AutoModelForCausalLM.from_pretrained(real_sft / "sft")
