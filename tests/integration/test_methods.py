@@ -49,6 +49,11 @@ METHODS = {
 }
 
 
+# KTO's held-out reward margin ends below its start (-0.106) since the max_steps row cap (9f26a52):
+# a known regression, open in the session note of 2026-12-06, not hidden: strict=False reports it
+KNOWN_REGRESSIONS = {"kto": pytest.mark.xfail(reason="KTO eval margin fell with the max_steps row cap", strict=False)}
+
+
 def parent_metrics(cfg, parent: Path) -> dict[str, float]:
     """The method's own held-out metrics of the stage's starting model, by the same TRL trainer."""
     stage = cfg.stages["align"]
@@ -69,11 +74,6 @@ def _records(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-# KTO's held-out reward margin ends below its start (-0.106) since the max_steps row cap (9f26a52):
-# a known regression, open in the session note of 2026-12-06, not hidden: strict=False reports it
-KNOWN_REGRESSIONS = {"kto": pytest.mark.xfail(reason="KTO eval margin regressed with the max_steps row cap", strict=False)}
-
-
 @pytest.mark.parametrize("method", [pytest.param(m, marks=KNOWN_REGRESSIONS.get(m, ())) for m in METHODS])
 def test_method_trains_and_its_metric_moves(method, cache_dir, tmp_path):
     chain, lr, steps = METHODS[method]
