@@ -11,6 +11,7 @@ import random
 import time
 from pathlib import Path
 
+from posttrain.fused_head import trl_as_installed  # noqa: F401 (the benches import it from here)
 from posttrain.report.table import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
@@ -115,15 +116,6 @@ def build_model(size: str, folder: Path, seq: int) -> Path:
     if cuda:
         torch.cuda.empty_cache()
     return out
-
-
-def trl_as_installed() -> None:
-    """Undo posttrain's process-wide choice of TRL's compact LM-head path (posttrain/fused_head.py)
-    before a TRL trainer is measured: TRL runs as a user installs it."""
-    from trl.kernels.chunked_logprob import _use_triton
-    from trl.trainer import utils
-
-    utils._use_triton = _use_triton
 
 
 def real_model(name: str) -> Path:

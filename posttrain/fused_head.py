@@ -41,3 +41,11 @@ def score_labelled_positions_only() -> bool:
     # their own module's, so the CPU keeps its torch tiles
     utils._use_triton = compact
     return True
+
+
+def trl_as_installed() -> None:
+    """Undo score_labelled_positions_only (a benchmark measures TRL as a user installs it)."""
+    from trl.kernels.chunked_logprob import _use_triton
+    from trl.trainer import utils
+
+    utils._use_triton = _use_triton
