@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,23 @@ class Preempted(BaseException):
 _EARLY_STOP: str | None = None
 
 
+def _quiet_swallowed_stops() -> None:
+    """A stop raised where Python cannot pass it on (a weakref callback, a `__del__`) goes to
+    `sys.unraisablehook`, which prints "Exception ignored in" and a traceback. The stop is not lost
+    (the guard raises it again, `PreemptionGuard._retry`; before the guard, `_EARLY_STOP`), so it
+    is dropped silently; anything else goes to the hook there was."""
+    previous = sys.unraisablehook
+    if getattr(previous, "posttrain_quiet_stops", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Preempted):
+            previous(unraisable)
+
+    hook.posttrain_quiet_stops = True
+    sys.unraisablehook = hook
+
+
 def stop_at_once(hard: bool = False) -> None:
     """Until a guard takes over (the command's start-up: imports, Hydra, the plan), a stop signal
     ends the process at once with EXIT_PREEMPTED (nothing has been written that a re-run needs):
@@ -62,6 +80,7 @@ def stop_at_once(hard: bool = False) -> None:
             os._exit(EXIT_PREEMPTED)
         raise Preempted(reason)
 
+    _quiet_swallowed_stops()
     for sig in SIGNALS:
         signal.signal(sig, handle)
 
@@ -124,6 +143,7 @@ class PreemptionGuard:
         return stop
 
     def __enter__(self) -> PreemptionGuard:
+        _quiet_swallowed_stops()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._retry)
