@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from posttrain.preemption import EXIT_PREEMPTED, SIGNALS, Preempted, stop_at_once
+from posttrain.preemption import EXIT_PREEMPTED, SIGNALS, Preempted, exit_preempted, stop_at_once, stop_behind
 
 if __name__ == "__main__":  # `python -m posttrain.cli`: before the heavier imports below
     stop_at_once(hard=True)
@@ -306,9 +306,15 @@ def main() -> None:
     stop_at_once()
     try:
         _main()
-    except Preempted as e:
-        print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    except SystemExit as e:  # run(): stopped, and said so
+        if e.code == EXIT_PREEMPTED:
+            exit_preempted()
+        raise
+    except BaseException as e:  # a stop, or an error library code raised from one (an import it cut)
+        if (stop := stop_behind(e)) is None:
+            raise
+        print(f"[posttrain] stopped by {stop}; re-run the same command to resume", flush=True)
+        exit_preempted()
     for sig in SIGNALS:  # the run is complete: a stop signal from here on has nothing to stop
         signal.signal(sig, signal.SIG_IGN)
 

@@ -23,13 +23,14 @@ leaves while the others wait in a collective.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from posttrain.distributed import agree, any_rank, distributed, is_main
 
@@ -43,6 +44,34 @@ class Preempted(BaseException):
 
     A BaseException, like KeyboardInterrupt: raised by the signal handler wherever the work is,
     it must not be taken for an error by library code's `except Exception`."""
+
+
+def stop_behind(error: BaseException) -> Preempted | None:
+    """The stop that caused `error`: a Preempted, one that library code wrapped (a C extension
+    whose initialization a stop cut raises `ImportError("initialization failed")` from it), or
+    the stop signal that came before the run's guard took over (see stop_at_once)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Preempted):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if _EARLY_STOP is not None and isinstance(error, Exception):
+        return Preempted(f"{_EARLY_STOP} before the run started")
+    return None
+
+
+def exit_preempted() -> NoReturn:
+    """Exit EXIT_PREEMPTED without the interpreter's finalization. A stop raised where the work
+    was may have cut a library's work mid-way (a dataset being built, a finalizer); destroying
+    what it left at exit has crashed the interpreter ("Fatal Python error ... finalizing",
+    SIGABRT), an exit Slurm's requeue does not answer. What the run keeps is on disk already
+    and its context managers (the stage's manifest, the lock, wandb) have run."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PREEMPTED)
 
 
 # a stop signal that came before the run's guard took over (see stop_at_once)
@@ -165,10 +194,18 @@ class PreemptionGuard:
             self._phases.append(where)
             try:
                 yield
-            except Preempted:
+            except BaseException as error:
+                # an error while a stop is in flight is the stop's doing (library code that caught
+                # it and raised its own): the phase stops; a real error comes back in the re-run
+                in_flight = self._in_flight if isinstance(error, Exception) else None
+                stop = stop_behind(error) or in_flight
+                if stop is None:
+                    raise
                 self._in_flight = None  # it left the phase: no need to raise it again
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                raise
+                if stop is error:
+                    raise
+                raise stop from error
             finally:
                 self._phases.pop()
         else:

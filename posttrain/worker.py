@@ -15,7 +15,7 @@ from posttrain.config import planned_world_size
 from posttrain.errors import PosttrainError
 from posttrain.pipeline import run_pipeline
 from posttrain.plan import load_config
-from posttrain.preemption import EXIT_PREEMPTED, Preempted
+from posttrain.preemption import EXIT_PREEMPTED, Preempted, exit_preempted
 
 
 def main(argv: list[str]) -> int:
@@ -51,4 +51,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_code = main(sys.argv[1:])
+    if exit_code == EXIT_PREEMPTED:
+        exit_preempted()
+    sys.exit(exit_code)

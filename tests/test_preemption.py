@@ -140,3 +140,33 @@ def test_a_stop_raised_in_a_weakref_callback_prints_nothing_and_still_stops_the_
     done = subprocess.run([sys.executable, "-c", WEAKREF_STOP], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip().endswith("stopped: SIGTERM during tokenizing"), done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+def test_an_error_library_code_raised_from_a_stop_leaves_the_phase_as_the_stop():
+    """A C extension whose initialization a stop cut raises ImportError("initialization failed")
+    from it (matplotlib's ft2font did): the phase stops as if the stop had come through."""
+    with PreemptionGuard() as guard:
+        with pytest.raises(Preempted, match="SIGTERM during saving") as stopped:
+            with guard.interruptible("saving"):
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+                except Preempted as stop:
+                    raise ImportError("initialization failed") from stop
+    assert isinstance(stopped.value.__cause__, ImportError)
+    # one that drops the stop and raises its own, unchained: a stop is in flight, so it is the stop
+    with PreemptionGuard() as guard:
+        with pytest.raises(Preempted, match="SIGUSR1 during plotting"):
+            with guard.interruptible("plotting"):
+                try:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    time.sleep(5)
+                except Preempted:
+                    pass
+                raise RuntimeError("a library's own error")
+    # an error with no stop behind it is the error
+    with PreemptionGuard() as guard:
+        with pytest.raises(RuntimeError, match="a real error"):
+            with guard.interruptible("evaluation"):
+                raise RuntimeError("a real error")
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
