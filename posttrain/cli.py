@@ -245,7 +245,8 @@ def run_in_workers(cfg: Config, resolved: Path) -> dict | None:
         return read_json(cfg.run.output_path / "summary.json")
     statuses = [(read_manifest(cfg.run.output_path / name) or {}).get("status") for name in cfg.stages]
     if "interrupted" in statuses:
-        print("[posttrain] workers saved a checkpoint and stopped; re-run the same command to resume", flush=True)
+        resume = "re-run the same command to resume"
+        print(f"[posttrain] the workers stopped, keeping what they finished; {resume}", flush=True)
         sys.exit(EXIT_PREEMPTED)
     sys.exit(f"error: the workers failed (exit {code}); their output above names the cause")
 

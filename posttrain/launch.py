@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from posttrain.config import Config
 
 WORKER = "posttrain.worker"
+# torchrun, quiet when the workers exit 75 (posttrain/torchrun.py; a console script of posttrain's)
+TORCHRUN = "posttrain-torchrun"
 # placeholder for the node's rank in a command srun starts on every node (Slurm's SLURM_NODEID)
 NODE_RANK = "@NODE_RANK@"
 # `bash -c` script that runs its arguments with SIGUSR1 ignored (inherited until a worker sets its
@@ -70,7 +72,7 @@ def launch_command(cfg: Config, resolved: Path) -> list[str]:
     gpus, nodes = processes_per_node(launcher), launcher.nnodes
     rdzv_id = launcher.rdzv_id or cfg.run.name
     if launcher.name == "torchrun":
-        cmd = ["torchrun", f"--nproc-per-node={gpus}", f"--nnodes={nodes}"]
+        cmd = [TORCHRUN, f"--nproc-per-node={gpus}", f"--nnodes={nodes}"]
         if nodes == 1 and launcher.master_port is None:
             cmd += ["--standalone"]  # a free local port
         elif launcher.node_rank is not None or nodes == 1:  # static: every node names its rank

@@ -466,7 +466,9 @@ def run_stage(
                 model, metrics = train_stage(run, cfg, tokenizer, guard, tracker.callbacks())
             timings[f"train:{run.name}"] = time.time() - started
             if metrics.get("stopped"):
-                raise Preempted(f"{guard.signal_name}: stage {run.name} saved {artifacts.last_checkpoint(run.folder)}")
+                checkpoint = artifacts.last_checkpoint(run.folder)
+                kept = f"saved {checkpoint}" if checkpoint else "had finished nothing to keep: it starts again"
+                raise Preempted(f"{guard.signal_name}: stage {run.name} {kept}")
             if not main:
                 del model
                 metrics, replies = guard.handed_over()  # rank 0's, or Preempted when it was stopped

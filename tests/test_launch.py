@@ -121,7 +121,7 @@ def test_torchrun_commands_for_four_nodes_of_eight_gpus(tmp_path):
     resolved = tmp_path / "run" / "resolved.yaml"
     elastic = launch_command(config(*common, "launcher.rdzv_id=job-7", tmp_path=tmp_path), resolved)
     assert elastic == [
-        "torchrun", "--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node-0:29500",
+        "posttrain-torchrun", "--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node-0:29500",
         "--rdzv-id=job-7", "--module", "posttrain.worker", str(resolved),
     ]  # fmt: skip
     static = launch_command(config(*common, "launcher.node_rank=2", tmp_path=tmp_path), resolved)
@@ -129,7 +129,8 @@ def test_torchrun_commands_for_four_nodes_of_eight_gpus(tmp_path):
     under_slurm = launch_command(config(*common, "launcher.srun=true", tmp_path=tmp_path), resolved)
     assert under_slurm[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     # the rendezvous id defaults to the run's name (the default recipe's)
-    assert under_slurm[under_slurm.index("torchrun") :] == [*elastic[:5], "--rdzv-id=tiny_sft_dpo", *elastic[6:]]
+    torchrun = under_slurm[under_slurm.index("posttrain-torchrun") :]
+    assert torchrun == [*elastic[:5], "--rdzv-id=tiny_sft_dpo", *elastic[6:]]
     for command in (elastic, static, under_slurm):
         _bash_ok(command, tmp_path)
 
@@ -194,10 +195,10 @@ def test_the_multinode_slurm_template_starts_one_torchrun_per_node_on_one_frozen
     assert proc.returncode == 0, proc.stderr[-3000:]
     srun = (tmp_path / "srun_args.txt").read_text().splitlines()
     resolved = run_dir / "resolved.yaml"
-    torchrun = srun[srun.index("torchrun") :]
+    torchrun = srun[srun.index("posttrain-torchrun") :]
     assert srun[:3] == ["--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert torchrun == [
-        "torchrun", "--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-01:29500",
+        "posttrain-torchrun", "--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-01:29500",
         "--rdzv-id=4242", "--module", "posttrain.worker", str(resolved),
     ]  # fmt: skip
     frozen = yaml.safe_load(resolved.read_text())

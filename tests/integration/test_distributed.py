@@ -187,3 +187,41 @@ def test_lora_stages_merge_on_rank_0_under_zero2(tmp_path, cache_dir):
         (rows0, losses0), (rows1, losses1) = rank_log(out / stage, 0), rank_log(out / stage, 1)
         assert losses0 == losses1
         assert all(not set(rows0[s]) & set(rows1[s]) for s in rows0)
+
+
+def test_a_stop_during_the_reference_pass_stops_every_rank_and_the_rerun_reuses_its_parts(tmp_path, cache_dir):
+    """SIGTERM to the head while two DDP workers compute DPO's reference log-probs (a pass both
+    ranks share, in parts of 4 batches): every rank stops at the same part within seconds,
+    posttrain exits 75, and the same command reuses the parts written and finishes."""
+    overrides = [
+        *COMMON, *TWO, *VARIANTS["ddp_torchrun"],
+        "data.builtin.num_preference=1200", "align.max_steps=60", "align.per_device_eval_batch_size=1",
+        "run.reuse=true",  # the re-run reuses the complete SFT stage
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    argv, env = posttrain_argv(*overrides, f"run.output_dir={out}", cache_dir=cache_dir)
+    log = tmp_path / "log.txt"
+    head = subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while "Computing reference log probs for train dataset:" not in log.read_text(errors="replace"):
+        assert head.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(2.0)
+    assert head.poll() is None, "the pass ended before the signal"
+    signalled = time.monotonic()
+    head.send_signal(signal.SIGTERM)
+    assert head.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-4000:]
+    seconds = time.monotonic() - signalled
+    text = log.read_text(errors="replace")
+    assert seconds <= 10, seconds
+    assert "Traceback" not in text, text[-4000:]
+    assert json.loads((out / "align" / "manifest.json").read_text())["status"] == "interrupted"
+    parts = list((out / "sft" / "ref_logps").glob("*.parts/*"))
+    assert parts, "the finished parts are on disk"
+
+    resumed = run_posttrain(*overrides, f"run.output_dir={out}", cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    reused = [line for line in resumed.stdout.splitlines() if "parts reused" in line]
+    assert reused and not reused[0].split("rows: ")[1].startswith("0 of"), resumed.stdout[-3000:]
+    assert json.loads((out / "align" / "manifest.json").read_text())["status"] == "complete"
+    print(f"\nstopped in {seconds:.2f} s; {reused[0]}")

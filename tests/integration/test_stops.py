@@ -22,6 +22,15 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM":
 CHECKPOINTS = ["sft.checkpoint_steps=4", "align.checkpoint_steps=2"]
 # many held-out prompts and long replies: evaluation takes seconds on the tiny model
 LONG_EVAL = ["data.builtin.num_test=512", "sft.eval.num_prompts=512", "sft.eval.max_new_tokens=64"]
+# an on-policy round: SFT, then the pairs stage samples replies from it
+PAIRS = ["recipe=tiny_sft_onpolicy_dpo", "run.stages=[sft,pairs]"]
+# the built-in Llama at 103M parameters (hidden 1024, 8 layers): its 412 MB take ~1.5 s to save
+LARGER = [
+    "model.tiny.hidden_size=1024",
+    "model.tiny.intermediate_size=2816",
+    "model.tiny.num_layers=8",
+    "model.tiny.num_heads=16",
+]
 
 # phase: (signal, extra arguments, the log text that starts it, seconds after it, what the re-run must say)
 PHASES = {
@@ -36,6 +45,21 @@ PHASES = {
         "Computing reference log probs for train dataset:",
         1.5,
         "parts reused",
+    ),
+    "the pairs stage's sampling": (
+        signal.SIGUSR1,
+        # 5 batches of ~2 s; one sampled batch (a checkpoint each) is kept
+        [*PAIRS, "pairs.num_prompts=256", "pairs.max_new_tokens=32", "pairs.checkpoint_steps=1"],
+        "pairs:   0%",
+        5.0,
+        "stage pairs (pairs) resuming",
+    ),
+    "saving a 100M model": (
+        signal.SIGTERM,
+        [*LARGER, "run.stages=[sft]", "sft.max_steps=2"],
+        "stage sft: saving",
+        0.3,
+        "starting from base",  # no checkpoint before the last step: the stage starts again
     ),
     "GRPO generation": (
         signal.SIGTERM,
@@ -86,7 +110,8 @@ def test_a_stop_in_each_phase_exits_75_within_10_s_and_the_rerun_finishes(phase,
     assert rerun_says in said, said[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     statuses = ", ".join(f"{name} {s['status']}" for name, s in summary["stages"].items() if name != "base")
-    reused = [line[len("[posttrain] ") :] for line in said.splitlines() if "reused" in line or "resuming" in line]
+    lines = [line[len("[posttrain] ") :] for line in said.splitlines() if line.startswith("[posttrain] ")]
+    reused = [line for line in lines if "reused" in line or "resuming" in line]
     TABLE.append(
         f"| {phase} | {sig.name} | {seconds:.2f} | {code} | {statuses}; {'; '.join(reused) or 'redone'} "
         f"| {stopped_by[len('[posttrain] stopped by ') :]} |"
