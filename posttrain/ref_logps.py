@@ -60,7 +60,9 @@ def rows_digest(dataset: Dataset) -> str:
 
     # one chunk and no metadata (it holds the dataset's fingerprint, which names the steps that made
     # it): the same rows give the same bytes however many processes tokenized them
-    table = dataset.select_columns([c for c in TOKEN_COLUMNS if c in dataset.column_names]).data.table
+    # with_format("arrow")[:]: the rows in the dataset's order (a shuffle or select is an indices
+    # mapping over `.data`, which keeps the old order)
+    table = dataset.select_columns([c for c in TOKEN_COLUMNS if c in dataset.column_names]).with_format("arrow")[:]
     table = table.combine_chunks().replace_schema_metadata(None)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:

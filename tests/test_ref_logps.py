@@ -68,6 +68,18 @@ def test_rows_tokenized_in_two_processes_read_the_same_cached_logps(setup, tmp_p
     assert rows_digest(two.train_dataset) == rows_digest(one.train_dataset)
 
 
+def test_the_same_rows_in_another_order_have_another_digest():
+    """A shuffle is an indices mapping over the same arrow table: the digest (the cache file's
+    name) must follow the rows' order, or log-probs cached in one order are read in another."""
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"prompt_ids": [[1, 2], [3], [4, 5, 6], [7]], "completion_ids": [[8], [9], [10], [11]]})
+    shuffled = rows.shuffle(seed=0)
+    assert shuffled["prompt_ids"] != rows["prompt_ids"]
+    assert rows_digest(shuffled) != rows_digest(rows)
+    assert rows_digest(shuffled) == rows_digest(shuffled.flatten_indices())
+
+
 def test_another_reference_or_length_gets_its_own_logps(setup, tmp_path):
     cache = RefLogpsCache(tmp_path / "ref_logps", "key-a", "float32|sdpa|none")
     dpo_trainer(setup, cache, tmp_path)

@@ -70,7 +70,12 @@ def make_trainer(inputs: TrainerInputs):
     cache = inputs.ref_logps if cfg.precompute_ref_log_probs else None
     settings = f"{args.max_length}|kto|{args.per_device_train_batch_size}"
     trainer_cls = with_cached_reference(KTOTrainer, kto_trainer, cache, settings)
-    return trainer_cls(ref_model=inputs.ref_model, args=args, **inputs.trainer_kwargs())
+    kwargs = inputs.trainer_kwargs()
+    # TRL reads the rows in their order (sequential sampling) and takes each row's KL reply from
+    # its neighbour: a seeded shuffle first, so that steps mix the data and a pair's two rows
+    # (adjacent as a preference source is split) rarely give each other's KL reply
+    kwargs["train_dataset"] = kwargs["train_dataset"].shuffle(seed=args.seed)
+    return trainer_cls(ref_model=inputs.ref_model, args=args, **kwargs)
 
 
 STAGE = StageSpec(

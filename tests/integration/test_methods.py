@@ -49,9 +49,12 @@ METHODS = {
 }
 
 
-# KTO's held-out reward margin ends below its start (-0.106) since the max_steps row cap (9f26a52):
-# a known regression, open in the session note of 2026-12-06, not hidden: strict=False reports it
-KNOWN_REGRESSIONS = {"kto": pytest.mark.xfail(reason="KTO eval margin fell with the max_steps row cap", strict=False)}
+# KTO does not learn the built-in preferences in 40 steps (loss stays at 0.50 +- 0.03, margins
+# +-0.2 noise; 120 steps pass by chance). Likely cause: since the max_steps row cap (9f26a52) a
+# batch no longer holds both halves of each pair (which made KTO a paired objective here); its
+# rows are now shuffled too (TRL reads them in order). Open in the session note.
+KTO_NO_SIGNAL = "KTO: no learning signal on the tiny model in 40 steps"
+KNOWN_REGRESSIONS = {"kto": pytest.mark.xfail(reason=KTO_NO_SIGNAL, strict=False)}
 
 
 def parent_metrics(cfg, parent: Path) -> dict[str, float]:
