@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_logprob import _use_triton as trl_choice
 from trl.trainer import utils as trl_utils
 from trl.trainer.utils import add_fused_lm_head
 
 from posttrain.fused_head import score_labelled_positions_only
 
-KERNEL = trl_utils._ChunkedLogProbFunction.apply
+# TRL's tiled kernel (trl.trainer.utils names it too, or posttrain's KeptOrTiled once a trainer was built)
+KERNEL = ChunkedLogProbFunction.apply
 
 
 def model() -> LlamaForCausalLM:
@@ -76,3 +78,47 @@ def test_patching_twice_is_patching_once(monkeypatch):
     monkeypatch.setattr(trl_utils, "_use_triton", trl_choice)
     assert score_labelled_positions_only() and score_labelled_positions_only()
     assert trl_utils._use_triton(torch.device("cpu")) and trl_utils._use_triton.posttrain_compact
+
+
+def _head_inputs():
+    torch.manual_seed(2)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    return hidden, weight, bias, torch.randint(0, 50, (7,))
+
+
+def test_kept_logits_give_the_tiled_kernels_outputs_and_gradients():
+    """keep_small_logits: one product kept for the backward instead of recomputed tiles, same math
+    (with a temperature, a logit scale and a softcap, every output TRL can ask for)."""
+    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS
+
+    from posttrain.fused_head import kept_logits_log_probs
+
+    results = []
+    for compute in (ChunkedLogProbFunction.apply, kept_logits_log_probs):
+        hidden, weight, bias, targets = _head_inputs()
+        if compute is kept_logits_log_probs:
+            out = compute(hidden, weight, bias, targets, 0.7, 30.0, 1.3, OPTIONAL_OUTPUTS)
+        else:  # chunks of 16 of the 50 words: the online log-sum-exp over several tiles
+            out = compute(hidden, weight, bias, targets, 0.7, 16, 30.0, 1.3, OPTIONAL_OUTPUTS)
+        (out[0].sum() + 0.5 * out[1].sum()).backward()
+        results.append((out, (hidden.grad, weight.grad, bias.grad)))
+    (tiled, tiled_grads), (kept, kept_grads) = results
+    for name, a, b in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"), tiled, kept, strict=False):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert torch.equal(tiled[4], kept[4]), "is_top1"
+    for a, b in zip(tiled_grads, kept_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_logits_too_large_to_keep_go_through_the_tiles(monkeypatch):
+    from posttrain import fused_head
+
+    calls = []
+    monkeypatch.setattr(fused_head, "kept_logits_log_probs", lambda *a: calls.append("kept") or KERNEL(*a[:4], 1.0, 16))
+    hidden, weight, bias, targets = _head_inputs()
+    fused_head.KeptOrTiled.apply(hidden, weight, bias, targets, 1.0, 16, None, 1.0, ("log_probs",))
+    monkeypatch.setattr(fused_head, "KEEP_LOGITS_BYTES", 3 * 4 * 7 * 50 - 1)
+    out = fused_head.KeptOrTiled.apply(hidden, weight, bias, targets, 1.0, 16, None, 1.0, ("log_probs",))
+    assert calls == ["kept"] and out[0].shape == (7,)

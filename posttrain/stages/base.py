@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.config import ConfigError, StageConfig, global_batch, require
-from posttrain.fused_head import score_labelled_positions_only
+from posttrain.fused_head import cpu_lm_head
 from posttrain.memory import activation_checkpointing
 from posttrain.models import compute_dtype
 from posttrain.rewards import reward_specs
@@ -93,8 +93,8 @@ class TrainerInputs:
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every TRL trainer takes, besides its config."""
         # every trainer is built through here: TRL's fused LM head then projects only labelled
-        # positions on a CPU too (posttrain/fused_head.py)
-        score_labelled_positions_only()
+        # positions on a CPU too, and keeps small logits for the backward (posttrain/fused_head.py)
+        cpu_lm_head()
         return dict(
             model=self.model,
             train_dataset=self.train_dataset,
