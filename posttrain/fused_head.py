@@ -21,8 +21,6 @@ the recomputing backward) projected every prompt token for nothing.
 
 from __future__ import annotations
 
-import torch
-
 # devices TRL projects every position on, where posttrain projects the labelled ones only
 COMPACT_DEVICES = ("cpu",)
 # a CPU keeps the labelled positions' logits for the backward when their float32 copies (the
@@ -94,6 +92,8 @@ class KeptOrTiled:
 def kept_logits_log_probs(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
     """TRL's ChunkedLogProbFunction's outputs (log_probs, entropy, log_sum_sq_probs, mean_logits,
     is_top1; None where not asked), by plain autograd over the (N, V) float32 logits."""
+    import torch
+
     device = hidden.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
     with torch.autocast(device.type, enabled=False):
