@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from posttrain import models, peft_handoff
+from posttrain.artifacts import read_json
 from posttrain.pipeline import run_pipeline
 from posttrain.plan import load_config
 from tests.conftest import FAST, compose_tree
@@ -153,7 +154,8 @@ def test_killed_stacked_stage_resumes_to_the_same_adapter(handoff_run, tmp_path)
     out, cache = tmp_path / "run", tmp_path / "cache"
     extra = [*LORA, *POLICIES["stack"], "peft.save_adapter=true"]  # with checkpoints every 2 DPO steps
     proc = _start(out, cache, *extra, log=tmp_path / "log.txt")
-    _wait_for(lambda: (out / "align" / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists(), proc)
+    # written in full (a half-written one is rightly ignored by the re-run)
+    _wait_for(lambda: read_json(out / "align" / "checkpoints" / "checkpoint-2" / "trainer_state.json"), proc)
     proc.kill()
     proc.wait()
     rerun = _rerun(out, cache, *extra)

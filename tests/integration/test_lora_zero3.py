@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from posttrain.artifacts import read_json
 from posttrain.plan import load_config
 from tests.conftest import FAST, compose_tree, posttrain_argv, run_posttrain
 from tests.integration.test_lora_handoff import LORA, POLICIES, assert_merged_models, assert_stacked_reference
@@ -86,8 +87,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(zero3_run, tmp_path):
     argv, env = posttrain_argv(*overrides(handoff, out), cache_dir=cache_dir)
     with (tmp_path / "log.txt").open("w") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # written in full: a kill while trainer_state.json is half-written leaves a checkpoint the
+    # re-run rightly ignores (it starts the stage again), which this test is not about
     checkpoint = out / "align" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
-    _wait_for(checkpoint.exists, proc)
+    _wait_for(lambda: read_json(checkpoint) is not None, proc)
     for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher runs in its own session
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
