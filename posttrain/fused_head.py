@@ -39,37 +39,42 @@ def score_labelled_positions_only() -> bool:
     the one this was written against (TRL >= 1.17 may choose otherwise; then nothing changes)."""
     try:
         from trl.kernels.chunked_logprob import _use_triton
-        from trl.trainer import utils
     except ImportError:
         return False
-    if getattr(utils._use_triton, "posttrain_compact", False):
-        return True
-    if utils._use_triton is not _use_triton:
-        return False
-
-    def compact(device) -> bool:
-        return _use_triton(device) or device.type in COMPACT_DEVICES
-
-    compact.posttrain_compact = True
     # only the fused forward's `compact = _use_triton(device)` reads this name; the kernels read
     # their own module's, so the CPU keeps its torch tiles
-    utils._use_triton = compact
-    return True
+    return _replace_in_trl("_use_triton", _use_triton, compact_on_cpu)
+
+
+def compact_on_cpu(device) -> bool:
+    """TRL's choice of its compact path, and a CPU too."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return _use_triton(device) or device.type in COMPACT_DEVICES
+
+
+compact_on_cpu.posttrain_compact = True
 
 
 def keep_small_logits() -> bool:
     """Route TRL's fused head through `KeptOrTiled` (idempotent); whether TRL's layout matched."""
     try:
         from trl.kernels import ChunkedLogProbFunction
+    except ImportError:
+        return False
+    return _replace_in_trl("_ChunkedLogProbFunction", ChunkedLogProbFunction, KeptOrTiled)
+
+
+def _replace_in_trl(name: str, original, replacement) -> bool:
+    """`trl.trainer.utils.<name>` = replacement, where it is still TRL's `original` (idempotent);
+    whether it is the replacement now."""
+    try:
         from trl.trainer import utils
     except ImportError:
         return False
-    if utils._ChunkedLogProbFunction is KeptOrTiled:
-        return True
-    if utils._ChunkedLogProbFunction is not ChunkedLogProbFunction:
-        return False
-    utils._ChunkedLogProbFunction = KeptOrTiled
-    return True
+    if getattr(utils, name, None) is original:
+        setattr(utils, name, replacement)
+    return getattr(utils, name, None) is replacement
 
 
 class KeptOrTiled:
