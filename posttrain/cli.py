@@ -10,7 +10,15 @@
 
 from __future__ import annotations
 
-from posttrain.preemption import EXIT_PREEMPTED, SIGNALS, Preempted, exit_preempted, stop_at_once, stop_behind
+from posttrain.preemption import (
+    EXIT_PREEMPTED,
+    RESUME,
+    SIGNALS,
+    Preempted,
+    exit_preempted,
+    stop_at_once,
+    stop_behind,
+)
 
 if __name__ == "__main__":  # `python -m posttrain.cli`: before the heavier imports below
     stop_at_once(hard=True)
@@ -229,7 +237,7 @@ def run(tree: DictConfig) -> tuple[Config, dict | None]:
             return cfg, None
         sys.exit(f"error: {e}")
     except Preempted as e:
-        print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
+        print(f"[posttrain] stopped by {e}; {RESUME}", flush=True)
         sys.exit(EXIT_PREEMPTED)
 
 
@@ -245,8 +253,7 @@ def run_in_workers(cfg: Config, resolved: Path) -> dict | None:
         return read_json(cfg.run.output_path / "summary.json")
     statuses = [(read_manifest(cfg.run.output_path / name) or {}).get("status") for name in cfg.stages]
     if "interrupted" in statuses:
-        resume = "re-run the same command to resume"
-        print(f"[posttrain] the workers stopped, keeping what they finished; {resume}", flush=True)
+        print(f"[posttrain] the workers stopped, keeping what they finished; {RESUME}", flush=True)
         sys.exit(EXIT_PREEMPTED)
     sys.exit(f"error: the workers failed (exit {code}); their output above names the cause")
 
@@ -314,7 +321,7 @@ def main() -> None:
     except BaseException as e:  # a stop, or an error library code raised from one (an import it cut)
         if (stop := stop_behind(e)) is None:
             raise
-        print(f"[posttrain] stopped by {stop}; re-run the same command to resume", flush=True)
+        print(f"[posttrain] stopped by {stop}; {RESUME}", flush=True)
         exit_preempted()
     for sig in SIGNALS:  # the run is complete: a stop signal from here on has nothing to stop
         signal.signal(sig, signal.SIG_IGN)

@@ -36,6 +36,8 @@ from posttrain.distributed import agree, any_rank, distributed, is_main
 
 # EX_TEMPFAIL from sysexits.h: "try again later"
 EXIT_PREEMPTED = 75
+# what every stopped process tells its user
+RESUME = "re-run the same command to resume"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -105,7 +107,7 @@ def stop_at_once(hard: bool = False) -> None:
         _EARLY_STOP = signal.Signals(signum).name  # the run's guard stops at once if this was swallowed
         reason = f"{_EARLY_STOP} before the run started"
         if hard:
-            print(f"[posttrain] stopped by {reason}; re-run the same command to resume", flush=True)
+            print(f"[posttrain] stopped by {reason}; {RESUME}", flush=True)
             os._exit(EXIT_PREEMPTED)
         raise Preempted(reason)
 

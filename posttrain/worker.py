@@ -15,7 +15,7 @@ from posttrain.config import planned_world_size
 from posttrain.errors import PosttrainError
 from posttrain.pipeline import run_pipeline
 from posttrain.plan import load_config
-from posttrain.preemption import EXIT_PREEMPTED, Preempted, exit_preempted
+from posttrain.preemption import EXIT_PREEMPTED, RESUME, Preempted, exit_preempted
 
 
 def main(argv: list[str]) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
         code = 1
     except Preempted as e:
         if distributed.is_main():
-            print(f"[posttrain] stopped by {e}; re-run the same command to resume", flush=True)
+            print(f"[posttrain] stopped by {e}; {RESUME}", flush=True)
         code = EXIT_PREEMPTED
     distributed.shutdown()
     return code
