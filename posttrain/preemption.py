@@ -13,7 +13,8 @@ EXIT_PREEMPTED, which `launch/slurm.sbatch` answers with `scontrol requeue`.
 Several processes: a rank raises at once only where it works alone (rank 0's evaluation and
 saving, which it hands to the others as "stopped"); in work every rank shares (collectives) the
 signal is a flag that the loops read together between parts (`check`, `agreed`), so no rank
-leaves while the others wait in a collective.
+leaves while the others wait in a collective; GRPO's generation ends at the next token
+(`stopping_criterion`) and the ranks then `check` together.
 
     with PreemptionGuard(stop_file) as guard:
         with guard.interruptible("evaluation"):
@@ -244,6 +245,21 @@ class PreemptionGuard:
         if self.agreed():
             self._raised = True
             raise Preempted(f"{self.signal_name} {where}")
+
+    def stopping_criterion(self) -> Any:
+        """For `generate(stopping_criteria=[...])`: every sequence ends at the next token once this
+        process was asked to stop (several processes then stop together at a `check`)."""
+        import torch
+        from transformers import StoppingCriteria
+
+        guard = self
+
+        class StopRequested(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                stop = guard.requested_here()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+        return StopRequested()
 
     # --- rank 0's own work, which the other ranks wait for ---------------------------------
 

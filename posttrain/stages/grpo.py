@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from posttrain.config import require
 from posttrain.data.builtin import task_of
+from posttrain.distributed import distributed
 from posttrain.generation import Sampler, SamplingSettings, vllm_usable
 from posttrain.stages.band import BandConfig, band_callback, band_sampler, pass_rates
 from posttrain.stages.base import OnlineStageConfig, StageSpec, TrainerInputs, last_turn_text
@@ -204,15 +205,40 @@ def make_trainer(inputs: TrainerInputs):
 
 
 def stop_during_generation(trainer, guard: PreemptionGuard) -> None:
-    """A stop signal during a step's sampling and scoring ends it at once (one process; with several
-    the step ends first and checkpoints): the step is redone from the last checkpoint."""
-    generate = trainer._generate_and_score_completions
+    """A stop signal during a step's sampling and scoring ends it within seconds; the step is redone
+    from the last checkpoint. One process: Preempted is raised at once, where the work is. Several:
+    a rank may not leave alone (ZeRO-3 generates in lockstep, one collective per token, and the step
+    gathers every rank's replies), so each rank's `generate` ends at the next token once the stop
+    reached it (a signal, or the head's stop file), and then every rank asks the others (a
+    collective) and all stop together."""
+    if not distributed():
+        generate_and_score = trainer._generate_and_score_completions
 
-    def interruptible(*args, **kwargs):
-        with guard.interruptible(f"GRPO's generation (step {trainer.state.global_step + 1})"):
-            return generate(*args, **kwargs)
+        def interruptible(*args, **kwargs):
+            with guard.interruptible(f"GRPO's generation (step {trainer.state.global_step + 1})"):
+                return generate_and_score(*args, **kwargs)
 
-    trainer._generate_and_score_completions = interruptible
+        trainer._generate_and_score_completions = interruptible
+        return
+    generate_turn = trainer._generate_single_turn
+
+    def stoppable(*args, **kwargs):
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        generate = model.generate  # the model's own, bound
+
+        def generate_until_stopped(*gen_args, **gen_kwargs):
+            given = gen_kwargs.pop("stopping_criteria", None) or []
+            return generate(*gen_args, stopping_criteria=[*given, guard.stopping_criterion()], **gen_kwargs)
+
+        model.generate = generate_until_stopped
+        try:
+            completions = generate_turn(*args, **kwargs)
+        finally:
+            del model.generate
+        guard.check(f"during GRPO's generation (step {trainer.state.global_step + 1})")
+        return completions
+
+    trainer._generate_single_turn = stoppable
 
 
 def band_trainer(grpo_trainer: type) -> type:

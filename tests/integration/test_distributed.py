@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain.artifacts import read_json
 from posttrain.preemption import EXIT_PREEMPTED
 from tests.conftest import posttrain_argv, run_posttrain
 
@@ -225,3 +226,49 @@ def test_a_stop_during_the_reference_pass_stops_every_rank_and_the_rerun_reuses_
     assert reused and not reused[0].split("rows: ")[1].startswith("0 of"), resumed.stdout[-3000:]
     assert json.loads((out / "align" / "manifest.json").read_text())["status"] == "complete"
     print(f"\nstopped in {seconds:.2f} s; {reused[0]}")
+
+
+@pytest.mark.parametrize("variant", ["ddp_torchrun", "zero3_deepspeed"])
+def test_a_stop_during_grpo_generation_stops_every_rank_within_seconds_and_the_rerun_ends_where_one_run_would(
+    variant, tmp_path, cache_dir
+):
+    """SIGTERM to the head while two workers sample GRPO's replies (long ones: most of a step is
+    generation; under ZeRO-3 the ranks generate in lockstep, a collective per token): each rank's
+    generation ends at the next token, the ranks agree and stop together within seconds,
+    posttrain exits 75; the same command resumes from the last checkpoint and ends with the
+    weights of a run that was never stopped."""
+    overrides = [
+        *COMMON, *TWO, *VARIANTS[variant],
+        # from the base model, whose replies rarely end before max_completion_length
+        "run.stages=[align]", "align=grpo", "align.init_from=base", "align.max_completion_length=256",
+        "align.max_steps=6", "align.checkpoint_steps=2", "align.eval.num_prompts=8",
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    argv, env = posttrain_argv(*overrides, f"run.output_dir={out}", cache_dir=cache_dir)
+    log = tmp_path / "log.txt"
+    head = subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    checkpoint = out / "align" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 300
+    while read_json(checkpoint) is None:
+        assert head.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # into step 3's generation
+    assert head.poll() is None, "the stage ended before the signal"
+    signalled = time.monotonic()
+    head.send_signal(signal.SIGTERM)
+    assert head.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-4000:]
+    seconds = time.monotonic() - signalled
+    text = log.read_text(errors="replace")
+    assert seconds <= 10, seconds
+    assert "Traceback" not in text, text[-4000:]
+    assert "during GRPO's generation (step 3)" in text, text[-4000:]
+    assert json.loads((out / "align" / "manifest.json").read_text())["status"] == "interrupted"
+
+    resumed = run_posttrain(*overrides, f"run.output_dir={out}", cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming {out / 'align' / 'checkpoints' / 'checkpoint-2'}" in resumed.stdout, resumed.stdout[-3000:]
+    once = train(tmp_path, cache_dir, "once", overrides)
+    weights, expected = load_file(out / "align" / "model.safetensors"), load_file(once / "align" / "model.safetensors")
+    worst = max((weights[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst < 1e-5, f"resumed GRPO weights differ by {worst:.2e}"
+    print(f"\nstopped in {seconds:.2f} s during step 3's generation; resumed weights within {worst:.1e}")
