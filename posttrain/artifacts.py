@@ -136,6 +136,12 @@ def is_complete(folder: Path) -> bool:
     return manifest is not None and manifest.get("status") == "complete"
 
 
+def awaits_evaluation(manifest: dict) -> bool:
+    """A complete stage whose run stopped before evaluating it: the same command evaluates it
+    (even with run.reuse=false: it is that run's own work)."""
+    return manifest.get("status") == "complete" and manifest.get("evaluated") is False
+
+
 # subfolders whose files are part of an artifact (a data stage's pairs); others (checkpoints,
 # ref_logps written later by other stages, ranks) are not
 ARTIFACT_SUBFOLDERS = ("pairs",)

@@ -188,7 +188,10 @@ def reused_stage(run: StageRun, cfg: Config, tokenizer, eval_rows) -> tuple[dict
     metrics, replies = dict(manifest.get("metrics", {})), manifest.get("replies", [])
     generates = STAGES[run.stage.method].model_kind == "causal_lm"
     if generates and manifest.get("eval_key") != stage_cache.eval_key(run.stage, cfg):
-        log(f"stage {run.name}: evaluation settings changed, evaluating the reused model again")
+        if artifacts.awaits_evaluation(manifest):
+            log(f"stage {run.name}: evaluating the saved model (its evaluation was stopped)")
+        else:
+            log(f"stage {run.name}: evaluation settings changed, evaluating the reused model again")
         model = models.load_model(str(run.folder), cfg.model)
         eval_metrics, replies = evaluate_model(model, tokenizer, eval_rows, run.stage.eval)
         metrics.update(eval_metrics)

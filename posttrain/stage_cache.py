@@ -238,7 +238,7 @@ def check_run_folder(cfg: Config, keys: dict[str, str]) -> None:
                 raise ConfigError(f"{where} exists but is not a posttrain stage; choose a new run.output_dir")
             continue
         if manifest.get("key") == keys[name]:
-            if complete and not cfg.run.reuse and not folder.is_symlink():
+            if complete and not cfg.run.reuse and not folder.is_symlink() and not artifacts.awaits_evaluation(manifest):
                 raise ConfigError(f"{where} holds this stage complete; run.reuse=false needs a new run.output_dir")
             continue
         changes = config_changes(manifest.get("content", {}), stage_content(stage, cfg)) or ["its data or parent"]
@@ -264,7 +264,8 @@ def place_stage(name: str, key: str, cfg: Config, index: StageIndex) -> Placemen
         if manifest is not None and manifest.get("key") == key:
             found.append((folder, manifest))
     for folder, manifest in found:
-        if manifest["status"] != "complete" or not cfg.run.reuse:
+        own_unevaluated = folder == own.resolve() and artifacts.awaits_evaluation(manifest)
+        if manifest["status"] != "complete" or not (cfg.run.reuse or own_unevaluated):
             continue
         problem = artifacts.damage(folder, manifest)
         if problem is None:

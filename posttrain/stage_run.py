@@ -412,6 +412,21 @@ def stage_manifest(run: StageRun, cfg: Config, status: str, **fields) -> dict[st
     }
 
 
+def complete(run: StageRun, cfg: Config, attempts: list, metrics: dict, eval_key=None, replies=None) -> dict:
+    """The manifest of a saved stage; without `eval_key`, one not evaluated yet."""
+    return stage_manifest(
+        run,
+        cfg,
+        "complete",
+        attempts=attempts,
+        metrics=metrics,
+        evaluated=eval_key is not None,
+        eval_key=eval_key,
+        replies=replies or [],
+        files=artifacts.file_sizes(run.folder),
+    )
+
+
 def prepare_folder(run: StageRun, cfg: Config) -> None:
     """A fresh folder for a new attempt; for a resumed one, drop what came after its checkpoint."""
     own = cfg.run.output_path / run.name
@@ -458,6 +473,7 @@ def run_stage(
     timings = {}
     tracker = StageTracker(cfg.logger if main else LoggerConfig(), run.name, cfg.run.output_path, run.folder, running)
     metrics: dict[str, Any] = {}
+    saved = False
     try:
         with tracker:
             if STAGES[run.stage.method].make_data is not None:
@@ -476,6 +492,18 @@ def run_stage(
             if model is not None and (dtype := saved_dtype(run.stage, cfg)) is not None:
                 model.to(dtype)  # evaluated as saved
             t = time.time()
+            if model is not None:
+                log(f"stage {run.name}: saving {run.folder}")
+                with guard.interruptible(f"stage {run.name}: saving", alone=True):
+                    save_model(run, model, tokenizer)
+            shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
+            attempts[-1]["finished"] = time.time()
+            # complete before its evaluation: a stop there keeps the training, and the re-run
+            # reuses the stage and evaluates it
+            artifacts.write_json_atomic(manifest_path, complete(run, cfg, attempts, metrics))
+            saved = True
+            timings[f"save:{run.name}"] = time.time() - t
+            t = time.time()
             if STAGES[run.stage.method].model_kind == "causal_lm":  # a reward model (or data) does not generate
                 log(f"stage {run.name}: evaluating")
                 with guard.interruptible(f"stage {run.name}: evaluation", alone=True):
@@ -485,30 +513,16 @@ def run_stage(
                 replies = []
             tracker.log_final(metrics, int(metrics.get("train_steps", 0)))
             timings[f"eval:{run.name}"] = time.time() - t
-        t = time.time()
-        if model is not None:
-            log(f"stage {run.name}: saving {run.folder}")
-            with guard.interruptible(f"stage {run.name}: saving", alone=True):
-                save_model(run, model, tokenizer)
-        shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
         del model
         gc.collect()
-        attempts[-1]["finished"] = time.time()
-        manifest = stage_manifest(
-            run,
-            cfg,
-            "complete",
-            attempts=attempts,
-            metrics=metrics,
-            eval_key=stage_cache.eval_key(run.stage, cfg),
-            replies=replies,
-            files=artifacts.file_sizes(run.folder),
-        )
-        artifacts.write_json_atomic(manifest_path, manifest)
-        timings[f"save:{run.name}"] = time.time() - t
+        eval_key = stage_cache.eval_key(run.stage, cfg)
+        artifacts.write_json_atomic(manifest_path, complete(run, cfg, attempts, metrics, eval_key, replies))
         guard.hand_over((metrics, replies))
         return metrics, replies, timings
     except Preempted as e:
+        if saved:  # stopped in its evaluation: the stage is complete, the re-run evaluates it
+            guard.hand_over_stop(e)
+            raise Preempted(f"{e}; stage {run.name} is saved, its evaluation is redone") from None
         checkpoint = artifacts.last_checkpoint(run.folder)
         attempts[-1]["ended"] = time.time()  # stopped here: `posttrain show` counts its time
         if main:
@@ -523,7 +537,7 @@ def run_stage(
     except KeyboardInterrupt:
         raise
     except BaseException as e:
-        if main:
+        if main and not saved:  # an error in a saved stage's evaluation comes back when the re-run evaluates it
             attempts[-1]["ended"] = time.time()
             failed = stage_manifest(run, cfg, "failed", attempts=attempts, error=f"{type(e).__name__}: {e}"[:2000])
             with contextlib.suppress(OSError):

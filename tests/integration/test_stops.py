@@ -38,7 +38,15 @@ PHASES = {
     "loading data": (signal.SIGUSR1, ["data.builtin.num_sft=40000"], "[posttrain] loading data", 0.3, ""),
     "base model evaluation": (signal.SIGTERM, LONG_EVAL, "evaluating base model", 0.5, ""),
     "SFT training steps": (signal.SIGTERM, [], "sft:   0%", 0.3, "resuming"),
-    "SFT evaluation": (signal.SIGUSR1, LONG_EVAL, "stage sft: evaluating", 0.5, "resuming"),
+    "SFT evaluation": (signal.SIGUSR1, LONG_EVAL, "stage sft: evaluating", 0.5, "evaluating the saved model"),
+    # the stage was saved before its evaluation: kept even where complete stages are not reused
+    "SFT evaluation, run.reuse=false": (
+        signal.SIGTERM,
+        [*LONG_EVAL, "run.reuse=false"],
+        "stage sft: evaluating",
+        0.5,
+        "evaluating the saved model",
+    ),
     "DPO reference pass": (
         signal.SIGTERM,
         ["data.builtin.num_preference=1200", "align.max_steps=60", "align.per_device_eval_batch_size=1"],
