@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import artifacts, chat_templates, launch, models, stage_cache
+from posttrain import artifacts, chat_templates, launch, models, rewards, stage_cache
 from posttrain.artifacts import Artifact
 from posttrain.config import (
     GATE_METRICS,
@@ -23,16 +23,18 @@ from posttrain.config import (
     Config,
     ConfigError,
     DataSource,
+    ScoreConfig,
     StageConfig,
     planned_world_size,
 )
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import DataError, StageData, load_stage_data
+from posttrain.data.score import Scorer
 from posttrain.distributed import agree, is_main, main_first
 from posttrain.evaluate import evaluate_model, win_rate
 from posttrain.locks import FileLock
 from posttrain.preemption import PreemptionGuard
-from posttrain.report.data import format_report, plot_lengths
+from posttrain.report.data import format_report, plot_lengths, plot_scores
 from posttrain.report.table import format_samples, format_table
 from posttrain.stage_run import StageRun, run_stage
 from posttrain.stages import STAGES, max_steps_rows
@@ -78,33 +80,61 @@ def with_stage_folders(data: DataSource, folders: dict[str, Path]) -> DataSource
     return resolved(data)
 
 
-def load_data(cfg: Config, name: str, stage: StageConfig, tokenizer, folders: dict[str, Path]) -> StageData:
+def waits_for(stage: StageConfig, cfg: Config) -> list[str]:
+    """The earlier stages a stage's rows need: data stages whose pairs it reads, the rm stage that
+    scores its rows."""
+    scorer = stage.data.score.by
+    return produced_by(stage) + ([scorer] if scorer in cfg.stages else [])
+
+
+def stage_scorer(cfg: Config, name: str, stage: StageConfig, tokenizer, reward_models: dict[str, str]):
+    """What scores the stage's rows (`data.score.by`), or None."""
+    spec = stage.data.score.by
+    if spec is None:
+        return None
+    key = f"{name}.data.score.by"
+    identity = stage_cache.reward_identity(spec, key, stage_cache.stage_keys(cfg))
+    reward = rewards.load_reward(spec, key, reward_models, cfg.model, tokenizer)
+    return Scorer(spec, artifacts.hash_json(identity), reward, cfg.run.cache_path / "scores")
+
+
+def load_data(
+    cfg: Config, name: str, stage: StageConfig, tokenizer, folders: dict[str, Path], reward_models=None
+) -> StageData:
     source_folder = builtin_folder(cfg) if _uses_builtin(cfg) else Path()
     kind = STAGES[stage.method].data_kind
     rows = max_steps_rows(stage, planned_world_size(cfg.launcher))
     try:
         data = with_stage_folders(stage.data, folders)
-        return load_stage_data(data, kind, source_folder, cfg.run.seed, tokenizer, stage.max_length, rows)
+        scorer = stage_scorer(cfg, name, stage, tokenizer, reward_models or {})
+        return load_stage_data(data, kind, source_folder, cfg.run.seed, tokenizer, stage.max_length, rows, scorer)
     except DataError as e:
         raise DataError(f"{name}.data: {e}") from None
 
 
 def load_all_data(cfg: Config, tokenizer) -> dict[str, StageData]:
     """Every stage's rows, checked and curated before any model is loaded; the data report is
-    printed and written into the run folder. Stages that read an earlier data stage's pairs
-    are loaded when that stage is done (`load_later`)."""
-    data = {
-        name: load_data(cfg, name, stage, tokenizer, {}) for name, stage in cfg.stages.items() if not produced_by(stage)
-    }
-    report_data(cfg, data)
+    printed and written into the run folder. Stages whose rows need an earlier stage are loaded
+    again when it is done (`load_later`): those that read its pairs, and those it scores (their
+    rows are checked now, unscored, and their held-out rows are final)."""
+    data = {}
+    for name, stage in cfg.stages.items():
+        if produced_by(stage):
+            continue
+        if waits_for(stage, cfg):  # scored by an rm stage of the chain: checked now, scored later
+            stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, score=ScoreConfig()))
+        data[name] = load_data(cfg, name, stage, tokenizer, {})
+    report_data(cfg, {name: d for name, d in data.items() if not waits_for(cfg.stages[name], cfg)})
     return data
 
 
-def load_later(cfg: Config, name: str, stage: StageConfig, tokenizer, done: dict[str, Artifact]) -> StageData:
-    """The rows of a stage that reads the pairs of earlier data stages, now that they are written."""
+def load_later(
+    cfg: Config, name: str, stage: StageConfig, tokenizer, done: dict[str, Artifact], reward_models: dict[str, str]
+) -> StageData:
+    """The rows of a stage that needs earlier stages (`waits_for`), now that they are done."""
     folders = {producer: Path(done[producer].folder) for producer in produced_by(stage)}
     with main_first():
-        loaded = load_data(cfg, name, stage, tokenizer, folders)
+        loaded = load_data(cfg, name, stage, tokenizer, folders, reward_models)
     report_data(cfg, {name: loaded})
     return loaded
 
@@ -123,6 +153,7 @@ def report_data(cfg: Config, data: dict[str, StageData]) -> None:
     if earlier is None:
         max_lengths = {name: stage.max_length for name, stage in cfg.stages.items()}
         plot_lengths({name: d.lengths for name, d in data.items()}, max_lengths, out / "data_lengths.png")
+    plot_scores({name: r.get("score") for name, r in everything.items()}, out / "data_scores.png")
 
 
 def eval_conversations(cfg: Config, data: dict[str, StageData]) -> Dataset | None:
@@ -271,9 +302,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             guard.check(f"before stage {name}")
             parent = previous if stage.init_from == "previous" else done[stage.init_from]
             reference = done[stage.reference] if stage.reference else None
-            if name not in data:
+            if waits_for(stage, cfg):
                 with guard.interruptible(f"loading stage {name}'s data"):
-                    data[name] = load_later(cfg, name, stage, tokenizer, done)
+                    data[name] = load_later(cfg, name, stage, tokenizer, done, reward_models)
                 guard.check(f"after loading stage {name}'s data")
             fingerprint = stage_cache.data_fingerprint(stage.data, cfg.data.builtin, keys)
             run = StageRun(name, stage, keys[name], parent, data[name], out / name, fingerprint, reference=reference)

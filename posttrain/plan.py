@@ -93,6 +93,8 @@ def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
             require(stage.eval.judge is None, f"{name}.eval.judge", "a reward model does not generate; set null")
             bound = stage.gate.min_exact_match
             require(bound is None, f"{name}.gate.min_exact_match", "a reward model does not generate; set null")
+        if stage.data.score.by is not None:
+            check_reward_spec(stage.data.score.by, f"{name}.data.score.by", [s for s in earlier if s in reward_models])
         _check_data_fits(name, stage, spec.data_kind)
         _check_stage_sources(name, stage, spec.data_kind, [s for s in earlier if s in data_stages])
         if stage_peft(stage, peft) == "qlora":

@@ -66,7 +66,9 @@ def data_fingerprint(src: DataSource, builtin: TaskSpec, keys: dict[str, str] | 
     earlier data stage's pairs by that stage's key (`keys`); a hub dataset by id, config,
     split and revision (pin `revision` for a reproducible key).
     """
-    content: dict[str, Any] = {"data": dataclasses.asdict(src), "sources": []}
+    content: dict[str, Any] = {"data": data_settings(src), "sources": []}
+    if src.score.by is not None:  # what decides the scores: a function's source, an rm stage's key
+        content["scorer"] = reward_identity(src.score.by, "data.score.by", keys or {})
     for source in src.source_list():
         local = Path(source.path).expanduser()
         if source.path.startswith("builtin:"):
@@ -81,6 +83,15 @@ def data_fingerprint(src: DataSource, builtin: TaskSpec, keys: dict[str, str] | 
         else:
             content["sources"].append({"hub": source.path})
     return hash_json(content)
+
+
+def data_settings(src: DataSource) -> dict[str, Any]:
+    """A stage's data settings as its key reads them: curation by score only where it is on, so
+    keys made before it existed stay the same."""
+    settings = dataclasses.asdict(src)
+    if src.score.by is None:
+        del settings["score"]
+    return settings
 
 
 # --- stage keys -------------------------------------------------------------------------
@@ -105,6 +116,7 @@ def stage_content(stage: StageConfig, cfg: Config) -> dict[str, Any]:
         for k, v in dataclasses.asdict(stage).items()
         if k not in NOT_IN_KEY and not (k in KEY_OMITS_AT and v == KEY_OMITS_AT[k])
     }
+    own["data"] = data_settings(stage.data)
     content = {
         "stage": own,
         "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in MODEL_NOT_IN_KEY},
@@ -136,19 +148,19 @@ def stage_keys(cfg: Config) -> dict[str, str]:
         if stage.reference:
             content["reference"] = model_keys[stage.reference]
         if STAGES[stage.method].uses_reward:
-            content["reward"] = reward_identity(stage.reward, name, keys)
+            content["reward"] = reward_identity(stage.reward, f"{name}.reward", keys)
         keys[name] = hash_json(content)
         model_keys[name] = model_keys[parent] if STAGES[stage.method].model_kind == "none" else keys[name]
         previous = name
     return keys
 
 
-def reward_identity(spec: str | list[str], name: str, keys: dict[str, str]) -> Any:
+def reward_identity(spec: str | list[str], key: str, keys: dict[str, str]) -> Any:
     """What decides an online stage's rewards: the built-in checker's version, an rm stage's key,
     a reward model folder's manifest key, or a user function's import path and source (a list
     of sources: theirs, in order)."""
     if not isinstance(spec, str):
-        return [reward_identity(source, name, keys) for source in spec]
+        return [reward_identity(source, key, keys) for source in spec]
     if spec == rewards.BUILTIN:
         return {"builtin": GENERATOR_VERSION}
     if spec == rewards.BUILTIN_PARTIAL:
@@ -156,7 +168,7 @@ def reward_identity(spec: str | list[str], name: str, keys: dict[str, str]) -> A
     if spec in keys:
         return {"reward_model": keys[spec]}
     if rewards.is_function(spec):
-        return rewards.function_identity(spec, f"{name}.reward")
+        return rewards.function_identity(spec, key)
     manifest = artifacts.read_manifest(Path(spec).expanduser()) or {}
     return {"reward_model": manifest.get("key", spec)}
 

@@ -56,6 +56,41 @@ class SourceConfig:
             check_local_path(self.path, f"{key}.path")
 
 
+# how score.balance groups rows: none, by source (a mixture's part) or by the rows' `task` field
+BALANCES = ("none", "source", "task")
+
+
+@dataclass
+class ScoreConfig:
+    """Curation by score (posttrain/data/score.py): every train row scored, the best kept."""
+
+    # the scorer, any reward source: builtin, builtin_partial, my_pkg.rewards:score, an earlier
+    # rm stage of the recipe, or a folder holding an rm artifact; null: no scoring
+    by: str | None = None
+    # rows kept: a count (1000) or a share (0.25) of the rows curation left; null: every row at
+    # or above min_score
+    keep: float | None = None
+    # rows scoring below this are dropped; null: no threshold
+    min_score: float | None = None
+    # the kept count is shared out in proportion to each group's rows: none, source, task
+    balance: str = "none"
+
+    def validate(self, key: str) -> None:
+        if self.by is None:
+            require(
+                self.keep is None and self.min_score is None,
+                f"{key}.by",
+                "is null: name the scorer that keep/min_score rank by (builtin, module:function, an rm stage)",
+            )
+            return
+        keep = self.keep
+        require(keep is None or keep > 0, f"{key}.keep", f"{keep} must be a row count (>= 1) or a share in (0, 1)")
+        require(keep is None or keep < 1 or float(keep).is_integer(), f"{key}.keep", f"{keep} is not a whole count")
+        require(keep is not None or self.min_score is not None, f"{key}.keep", "give keep or min_score (or both)")
+        allowed = ", ".join(BALANCES)
+        require(self.balance in BALANCES, f"{key}.balance", f"{self.balance!r} is not one of {allowed}")
+
+
 @dataclass
 class DataSource:
     """A stage's rows: one source (`path` ...) or a mixture (`sources`), held-out split and curation."""
@@ -84,6 +119,8 @@ class DataSource:
     overlong: str = "truncate"
     # train rows identical to a held-out row are dropped (no test leakage)
     drop_held_out_overlap: bool = True
+    # score every train row and keep the best (after the filters above, before mixing)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def source_list(self) -> list[SourceConfig]:
         """The sources to load: the mixture, or the one source the shorthand fields name."""
@@ -113,6 +150,7 @@ class DataSource:
         require(self.min_tokens >= 0, f"{key}.min_tokens", f"{self.min_tokens} must be >= 0")
         overlongs = ("truncate", "drop")
         require(self.overlong in overlongs, f"{key}.overlong", f"{self.overlong!r} is not one of truncate, drop")
+        self.score.validate(f"{key}.score")
 
 
 @dataclass

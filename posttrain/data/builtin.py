@@ -159,15 +159,20 @@ class TaskSpec:
     max_letters: int = 5
     max_items: int = 6
     seed: int = 0
+    # share of SFT train rows whose reply is the plausible wrong answer (the preference pairs'
+    # rejected one): noisy data for curation to find
+    sft_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for task in self.tasks:
             require(task in TASKS, "data.builtin.tasks", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
         for name in ("num_sft", "num_preference", "num_test"):
             require(getattr(self, name) > 0, f"data.builtin.{name}", "must be positive")
+        require(0 <= self.sft_noise <= 1, "data.builtin.sft_noise", f"{self.sft_noise} is not a share in [0, 1]")
 
     def fingerprint(self) -> str:
-        return generated_key(self.__dict__)
+        fields = {k: v for k, v in self.__dict__.items() if not (k == "sft_noise" and v == 0)}  # keys made before it
+        return generated_key(fields)
 
 
 def _size(spec: TaskSpec, task: str) -> int:
@@ -188,9 +193,10 @@ def generate(spec: TaskSpec, count: int, rng: random.Random, exclude: set[str]) 
     return problems
 
 
-def sft_row(p: Problem) -> dict:
+def sft_row(p: Problem, wrong: bool = False) -> dict:
+    reply = p.wrong if wrong else p.answer
     return {
-        "messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}],
+        "messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": reply}],
         "task": p.task,
     }
 
@@ -224,8 +230,10 @@ def write_tasks(spec: TaskSpec, folder: Path) -> Path:
     tmp = folder.with_name(folder.name + f".tmp{random.getrandbits(32):08x}")
     _write_jsonl(tmp / "sft" / "test.jsonl", [sft_row(p) for p in test])
     _write_jsonl(tmp / "preference" / "test.jsonl", [preference_row(p) for p in test])
-    _write_jsonl(tmp / "sft" / "train.jsonl", [sft_row(p) for p in generate(spec, spec.num_sft, rng, held_out)])
-    prefs = generate(spec, spec.num_preference, rng, held_out)
+    sft = generate(spec, spec.num_sft, rng, held_out)
+    prefs = generate(spec, spec.num_preference, rng, held_out)  # drawn before the noise: the same pairs
+    noisy = set(random.Random(spec.seed + 2).sample(range(len(sft)), round(spec.sft_noise * len(sft))))
+    _write_jsonl(tmp / "sft" / "train.jsonl", [sft_row(p, i in noisy) for i, p in enumerate(sft)])
     _write_jsonl(tmp / "preference" / "train.jsonl", [preference_row(p) for p in prefs])
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:

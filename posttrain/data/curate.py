@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 # rows whose tokens are counted for the report when no length filter needs every row counted
 SAMPLE = 20_000
-FILTERS = ("empty turn", "chosen = rejected", "duplicate", "in held-out", "too short", "too long")
+# what removed rows; "low score": curation by score (posttrain/data/score.py), after the others
+FILTERS = ("empty turn", "chosen = rejected", "duplicate", "in held-out", "too short", "too long", "low score")
 PUNCTUATION = re.compile(r"[^\w\s]")
 SPACES = re.compile(r"\s+")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.data import curate, files, formats, mixture
+from posttrain.data import curate, files, formats, mixture, score
 from posttrain.data.files import FILE_BUILDERS, Origin, file_type
 from posttrain.data.formats import DataError, FormatError
 
@@ -185,10 +185,12 @@ def load_stage_data(
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
     step_rows: int | None = None,
+    scorer: score.Scorer | None = None,
 ) -> StageData:
     """Train and held-out rows for one stage of `kind` (sft | preference | unpaired | prompt):
-    every source checked, held out, curated, then mixed, and at most `step_rows` train rows kept
-    (what the stage's max_steps read; None: all); `report` says what each step did."""
+    every source checked, held out, curated (and scored by `scorer`, with `data.score` set), then
+    mixed, and at most `step_rows` train rows kept (what the stage's max_steps read; None: all);
+    `report` says what each step did."""
     from datasets import Dataset
 
     parts = []
@@ -201,6 +203,11 @@ def load_stage_data(
             train, held_out = mixture.hold_out(train, data.eval_fraction, seed)
         parts.append(mixture.Part(src, label, fmt, train, held_out))
     curated = curate.curate(parts, data, tokenizer, max_length)
+    scored = {}
+    if data.score.by is not None:
+        if scorer is None:
+            raise DataError(f"score.by: {data.score.by!r} was not loaded (a scorer is built by the pipeline)")
+        scored = score.keep_best(parts, data.score, scorer, seed)
     if not any(p.train for p in parts):
         sources = ", ".join(p.label for p in parts)
         raise DataError(f"{sources}: no train rows left after curation ({curated.removed_text(parts)})")
@@ -209,6 +216,8 @@ def load_stage_data(
     train = mixture.cap(train, step_rows, seed)
     held_out = mixture.cap([row for p in parts for row in p.held_out], data.max_eval_rows, seed)
     report = curated.report(parts, used, len(train), len(held_out))
+    if scored:
+        report["score"] = scored
     if step_rows is not None:
         report.update(step_rows=step_rows, mixed_rows=mixed)
     origin = " + ".join(p.label for p in parts)

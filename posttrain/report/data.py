@@ -1,6 +1,7 @@
-"""The data report of a run: per stage, each source's rows through curation and the mixture, and
-the token-length distribution; printed, and saved as `data_report.json`, `data_report.md` and
-`data_lengths.png` in the run folder."""
+"""The data report of a run: per stage, each source's rows through curation and the mixture, the
+token-length distribution and, with curation by score, what was kept and dropped; printed, and
+saved as `data_report.json`, `data_report.md`, `data_lengths.png` and `data_scores.png` in the
+run folder."""
 
 from __future__ import annotations
 
@@ -38,7 +39,68 @@ def format_report(stage: str, report: dict[str, Any]) -> str:
             f"tokens per row{sampled}: min {tokens['min']}, mean {tokens['mean']}, p50 {tokens['p50']}, "
             f"p90 {tokens['p90']}, p99 {tokens['p99']}, max {tokens['max']}{over}"
         )
+    if scored := report.get("score"):
+        lines.append(format_scores(scored))
     return "\n".join(lines)
+
+
+def format_scores(scored: dict[str, Any]) -> str:
+    """Curation by score: the rule, the kept share per source and task, the histogram, and the
+    lowest-scored kept rows beside the highest-scored dropped ones."""
+    rule = ", ".join(f"{k} {scored[k]:g}" for k in ("keep", "min_score") if scored[k] is not None)
+    lines = [
+        f"scored by {scored['by']}: kept {scored['kept']} of {scored['scored']} rows ({rule}, balance "
+        f"{scored['balance']}); mean score {scored['mean_score']}, kept {scored['mean_kept_score']}; "
+        f"{scored['computed']} rows scored, {scored['from_cache']} read from the cache"
+    ]
+    groups = [("source", name, g) for name, g in scored["per_source"].items()]
+    groups += [("task", name, g) for name, g in scored["per_task"].items()]
+    shares = [
+        [kind, name, str(g["scored"]), str(g["kept"]), f"{g['kept'] / g['scored']:.1%}"] for kind, name, g in groups
+    ]
+    lines.append(markdown_table(["group", "", "scored", "kept", "kept share"], shares))
+    hist = scored["histogram"]
+    width = (hist["high"] - hist["low"]) / len(hist["rows"])
+    edges = [f"{hist['low'] + i * width:.3g}" for i in range(len(hist["rows"]))]
+    lines.append(
+        markdown_table(["score from", *edges], [["rows", *map(str, hist["rows"])], ["kept", *map(str, hist["kept"])]])
+    )
+    near = [[f"kept {r['score']}", r["source"], r["prompt"], r["reply"]] for r in scored["lowest_kept"]] + [
+        [f"dropped {r['score']}", r["source"], r["prompt"], r["reply"]] for r in scored["highest_dropped"]
+    ]
+    if near:
+        cells = [[c.replace("|", "\\|").replace("\n", " ") for c in row] for row in near]
+        lines.append(markdown_table(["nearest the cut", "source", "prompt", "reply"], cells))
+    return "\n".join(lines)
+
+
+def plot_scores(scored: dict[str, dict[str, Any]], out: Path) -> Path | None:
+    """Per stage scored, the histogram of scores: kept rows stacked on dropped ones."""
+    scored = {stage: s for stage, s in scored.items() if s}
+    if not scored:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scored), figsize=(4.5 * len(scored), 3.2), squeeze=False)
+    for ax, (stage, s) in zip(axes[0], scored.items(), strict=True):
+        hist = s["histogram"]
+        n = len(hist["rows"])
+        width = (hist["high"] - hist["low"]) / n or 1.0
+        starts = [hist["low"] + i * width for i in range(n)]
+        dropped = [r - k for r, k in zip(hist["rows"], hist["kept"], strict=True)]
+        ax.bar(starts, hist["kept"], width=width, align="edge", color="tab:green", label="kept")
+        ax.bar(starts, dropped, width=width, align="edge", bottom=hist["kept"], color="tab:gray", label="dropped")
+        ax.set_title(f"{stage}: scored by {s['by']}", fontsize=10)
+        ax.set_xlabel("score")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def plot_lengths(lengths: dict[str, list[int]], max_lengths: dict[str, int | None], out: Path) -> Path | None:

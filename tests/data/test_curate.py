@@ -66,7 +66,8 @@ def test_empty_turns_and_identical_pairs_are_dropped_and_counted(tmp_path):
     data = _load(tmp_path, "preference", path=str(_jsonl(tmp_path / "p.jsonl", rows)))
     assert len(data.train) == 1
     assert data.report["removed"] == {
-        "empty turn": 2, "chosen = rejected": 1, "duplicate": 0, "in held-out": 0, "too short": 0, "too long": 0
+        "empty turn": 2, "chosen = rejected": 1, "duplicate": 0, "in held-out": 0, "too short": 0, "too long": 0,
+        "low score": 0,
     }  # fmt: skip
 
 
