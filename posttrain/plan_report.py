@@ -24,12 +24,19 @@ from posttrain.stages import STAGES, max_steps_rows
 
 
 def describe_data(data: DataSource) -> str:
-    """`path [split]` of each source, with its weight or row count in a mixture."""
+    """`path [split]` of each source, with its weight or row count in a mixture, and the rule of
+    curation by score."""
     parts = []
     for src in data.source_list():
         share = f" x{src.weight:g}" if src.weight is not None else f" {src.rows} rows" if src.rows else ""
         parts.append(f"{src.path} [{src.split}]{share}")
-    return " + ".join(parts)
+    described = " + ".join(parts)
+    score = data.score
+    if score.by is not None:
+        rule = [f"{n} {v:g}" for n, v in (("keep", score.keep), ("min_score", score.min_score)) if v is not None]
+        balance = f", balanced by {score.balance}" if score.balance != "none" else ""
+        described += f" (scored by {score.by}: {', '.join(rule)}{balance})"
+    return described
 
 
 def plan_text(cfg: Config, keys: dict[str, str], notes: list[str] | tuple[str, ...] = ()) -> str:

@@ -48,7 +48,7 @@ class Scorer:
     identity: str
     score: Callable[[Sequence[str], Sequence[str]], list[float]]
     cache_folder: Path
-    # rows scored, and rows whose score the cache held
+    # distinct rows scored, and distinct rows whose score the cache held
     computed: int = 0
     reused: int = 0
 
@@ -90,7 +90,7 @@ def score_rows(rows: list[dict], scorer: Scorer, label: str) -> list[float]:
         first.setdefault(k, i)  # a repeated row is scored once
     todo = [i for k, i in first.items() if k not in cached]
     scorer.computed += len(todo)
-    scorer.reused += len(rows) - len(todo)
+    scorer.reused += len(first) - len(todo)
     bar = tqdm(total=len(todo), desc=f"Scoring rows ({scorer.name})", unit="row", disable=not todo, leave=False)
     try:
         for start in range(0, len(todo), BATCH):

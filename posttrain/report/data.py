@@ -51,7 +51,7 @@ def format_scores(scored: dict[str, Any]) -> str:
     lines = [
         f"scored by {scored['by']}: kept {scored['kept']} of {scored['scored']} rows ({rule}, balance "
         f"{scored['balance']}); mean score {scored['mean_score']}, kept {scored['mean_kept_score']}; "
-        f"{scored['computed']} rows scored, {scored['from_cache']} read from the cache"
+        f"{scored['computed']} distinct rows scored, {scored['from_cache']} read from the cache"
     ]
     groups = [("source", name, g) for name, g in scored["per_source"].items()]
     groups += [("task", name, g) for name, g in scored["per_task"].items()]

@@ -106,3 +106,14 @@ def test_a_scorer_that_is_not_an_earlier_rm_stage_is_refused_at_plan_time(tmp_pa
         _config(tmp_path, cache_dir, "data.sft.score.by=rm", "data.sft.score.keep=10")
     with pytest.raises(ConfigError, match=r"^sft.data.score.by: 'rm' is not .*\(none in this chain\)"):
         _config(tmp_path, cache_dir, *RM_FIRST, "run.stages=[sft,rm]")
+
+
+def test_the_plan_says_how_each_stage_scores_its_rows(tmp_path, cache_dir):
+    from posttrain.plan_report import plan_text
+    from posttrain.stage_cache import stage_keys
+
+    cfg = _config(tmp_path, cache_dir, "data.sft.score.by=builtin", "data.sft.score.keep=0.25",
+                  "data.sft.score.balance=task")  # fmt: skip
+    text = plan_text(cfg, stage_keys(cfg))
+    assert "data builtin:sft [train] (scored by builtin: keep 0.25, balanced by task)" in text
+    assert "data builtin:preference [train], lr" in text, "the unscored stage says nothing more"
