@@ -13,12 +13,19 @@ COLUMNS = (
 )
 
 
-def _columns(method_columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    columns = list(COLUMNS)
-    for item in method_columns:
-        if item not in columns:
-            columns.append(item)
+def _columns(method_columns: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Column title -> the metric keys it shows (an rm stage's `eval_accuracy` and DPO's
+    `eval_rewards/accuracies` share `reward_acc`: each row has one of them)."""
+    columns: dict[str, list[str]] = {}
+    for key, title in [*COLUMNS, *method_columns]:
+        keys = columns.setdefault(title, [])
+        if key not in keys:
+            keys.append(key)
     return columns
+
+
+def _value(metrics: dict[str, Any], keys: list[str]) -> Any:
+    return next((metrics[key] for key in keys if metrics.get(key) is not None), None)
 
 
 def _cell(value: Any) -> str:
@@ -33,9 +40,9 @@ def format_table(results: dict[str, dict], method_columns: list[tuple[str, str]]
     """One row per stage: its method, status and metrics; `method_columns` are the (metric key,
     column name) pairs the chain's methods add (StageSpec.summary_metrics)."""
     columns = _columns(method_columns)
-    header = ["stage", "method", "status", *(title for _, title in columns)]
+    header = ["stage", "method", "status", *columns]
     rows = [
-        [name, r["method"], r.get("status", "-"), *(_cell(r["metrics"].get(key)) for key, _ in columns)]
+        [name, r["method"], r.get("status", "-"), *(_cell(_value(r["metrics"], keys)) for keys in columns.values())]
         for name, r in results.items()
     ]
     return markdown_table(header, rows)

@@ -121,3 +121,15 @@ def test_samples_escape_pipes_and_newlines():
 
 def test_no_samples_is_a_sentence():
     assert format_samples([]) == "No held-out prompts were evaluated.\n"
+
+
+def test_methods_that_name_a_metric_alike_share_one_column():
+    """An rm stage's eval_accuracy and DPO's eval_rewards/accuracies are both reward_acc: one column."""
+    results = {
+        "rm": {"method": "rm", "status": "trained", "metrics": {"eval_accuracy": 0.69}},
+        "align": {"method": "dpo", "status": "trained", "metrics": {"eval_rewards/accuracies": 0.91}},
+    }
+    table = format_table(results, [("eval_accuracy", "reward_acc"), ("eval_rewards/accuracies", "reward_acc")])
+    header, _, rm, align = table.splitlines()
+    assert header.count("reward_acc") == 1
+    assert rm.rstrip(" |").endswith("0.690") and align.rstrip(" |").endswith("0.910")
