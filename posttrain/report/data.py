@@ -5,6 +5,8 @@ run folder."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,28 +81,37 @@ def plot_scores(scored: dict[str, dict[str, Any]], out: Path) -> Path | None:
     scored = {stage: s for stage, s in scored.items() if s}
     if not scored:
         return None
+    with _stage_panels(len(scored), out) as axes:
+        for ax, (stage, s) in zip(axes, scored.items(), strict=True):
+            hist = s["histogram"]
+            n = len(hist["rows"])
+            width = (hist["high"] - hist["low"]) / n or 1.0
+            starts = [hist["low"] + i * width for i in range(n)]
+            dropped = [r - k for r, k in zip(hist["rows"], hist["kept"], strict=True)]
+            ax.bar(starts, hist["kept"], width=width, align="edge", color="tab:green", label="kept")
+            ax.bar(starts, dropped, width=width, align="edge", bottom=hist["kept"], color="tab:gray", label="dropped")
+            ax.set_title(f"{stage}: scored by {s['by']}", fontsize=10)
+            ax.set_xlabel("score")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    return out
+
+
+@contextlib.contextmanager
+def _stage_panels(count: int, out: Path) -> Iterator[list]:
+    """One panel per stage side by side, saved to `out` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(scored), figsize=(4.5 * len(scored), 3.2), squeeze=False)
-    for ax, (stage, s) in zip(axes[0], scored.items(), strict=True):
-        hist = s["histogram"]
-        n = len(hist["rows"])
-        width = (hist["high"] - hist["low"]) / n or 1.0
-        starts = [hist["low"] + i * width for i in range(n)]
-        dropped = [r - k for r, k in zip(hist["rows"], hist["kept"], strict=True)]
-        ax.bar(starts, hist["kept"], width=width, align="edge", color="tab:green", label="kept")
-        ax.bar(starts, dropped, width=width, align="edge", bottom=hist["kept"], color="tab:gray", label="dropped")
-        ax.set_title(f"{stage}: scored by {s['by']}", fontsize=10)
-        ax.set_xlabel("score")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    fig, axes = plt.subplots(1, count, figsize=(4.5 * count, 3.2), squeeze=False)
+    try:
+        yield list(axes[0])
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def plot_lengths(lengths: dict[str, list[int]], max_lengths: dict[str, int | None], out: Path) -> Path | None:
@@ -108,21 +119,13 @@ def plot_lengths(lengths: dict[str, list[int]], max_lengths: dict[str, int | Non
     lengths = {stage: values for stage, values in lengths.items() if values}
     if not lengths:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.2), squeeze=False)
-    for ax, (stage, values) in zip(axes[0], lengths.items(), strict=True):
-        ax.hist(values, bins=min(50, max(5, len(set(values)))), color="tab:blue", alpha=0.8)
-        if (limit := max_lengths.get(stage)) is not None:
-            ax.axvline(limit, color="tab:red", linestyle="--", label=f"max_length {limit}")
-            ax.legend(fontsize=8)
-        ax.set_title(f"{stage}: tokens per row", fontsize=10)
-        ax.set_xlabel("tokens")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with _stage_panels(len(lengths), out) as axes:
+        for ax, (stage, values) in zip(axes, lengths.items(), strict=True):
+            ax.hist(values, bins=min(50, max(5, len(set(values)))), color="tab:blue", alpha=0.8)
+            if (limit := max_lengths.get(stage)) is not None:
+                ax.axvline(limit, color="tab:red", linestyle="--", label=f"max_length {limit}")
+                ax.legend(fontsize=8)
+            ax.set_title(f"{stage}: tokens per row", fontsize=10)
+            ax.set_xlabel("tokens")
+            ax.grid(alpha=0.3)
     return out

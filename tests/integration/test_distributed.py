@@ -87,6 +87,18 @@ def train(tmp_path: Path, cache_dir: Path, name: str, overrides: list[str]) -> P
     return out
 
 
+def stop_within_10_s(head: subprocess.Popen, log: Path) -> tuple[float, str]:
+    """SIGTERM to the head: it exits 75 within 10 s, printing no traceback; (seconds, its log)."""
+    signalled = time.monotonic()
+    head.send_signal(signal.SIGTERM)
+    assert head.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-4000:]
+    seconds = time.monotonic() - signalled
+    text = log.read_text(errors="replace")
+    assert seconds <= 10, seconds
+    assert "Traceback" not in text, text[-4000:]
+    return seconds, text
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, cache_dir) -> Path:
     return train(tmp_path_factory.mktemp("single"), cache_dir, "single", SINGLE)
@@ -209,13 +221,7 @@ def test_a_stop_during_the_reference_pass_stops_every_rank_and_the_rerun_reuses_
         time.sleep(0.05)
     time.sleep(2.0)
     assert head.poll() is None, "the pass ended before the signal"
-    signalled = time.monotonic()
-    head.send_signal(signal.SIGTERM)
-    assert head.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-4000:]
-    seconds = time.monotonic() - signalled
-    text = log.read_text(errors="replace")
-    assert seconds <= 10, seconds
-    assert "Traceback" not in text, text[-4000:]
+    seconds, _ = stop_within_10_s(head, log)
     assert json.loads((out / "align" / "manifest.json").read_text())["status"] == "interrupted"
     parts = list((out / "sft" / "ref_logps").glob("*.parts/*"))
     assert parts, "the finished parts are on disk"
@@ -254,13 +260,7 @@ def test_a_stop_during_grpo_generation_stops_every_rank_within_seconds_and_the_r
         time.sleep(0.05)
     time.sleep(0.5)  # into step 3's generation
     assert head.poll() is None, "the stage ended before the signal"
-    signalled = time.monotonic()
-    head.send_signal(signal.SIGTERM)
-    assert head.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-4000:]
-    seconds = time.monotonic() - signalled
-    text = log.read_text(errors="replace")
-    assert seconds <= 10, seconds
-    assert "Traceback" not in text, text[-4000:]
+    seconds, text = stop_within_10_s(head, log)
     assert "during GRPO's generation (step 3)" in text, text[-4000:]
     assert json.loads((out / "align" / "manifest.json").read_text())["status"] == "interrupted"
 
