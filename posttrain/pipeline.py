@@ -19,6 +19,7 @@ from posttrain import artifacts, chat_templates, launch, models, rewards, stage_
 from posttrain.artifacts import Artifact
 from posttrain.config import (
     GATE_METRICS,
+    LIKELIHOOD_SCORERS,
     STAGE_PREFIX,
     Config,
     ConfigError,
@@ -32,6 +33,7 @@ from posttrain.data.load import DataError, StageData, load_stage_data
 from posttrain.data.score import Scorer
 from posttrain.distributed import agree, is_main, main_first
 from posttrain.evaluate import evaluate_model, win_rate
+from posttrain.likelihood import LikelihoodScorer
 from posttrain.locks import FileLock
 from posttrain.preemption import PreemptionGuard
 from posttrain.report.data import format_report, plot_lengths, plot_scores
@@ -81,32 +83,46 @@ def with_stage_folders(data: DataSource, folders: dict[str, Path]) -> DataSource
 
 
 def waits_for(stage: StageConfig, cfg: Config) -> list[str]:
-    """The earlier stages a stage's rows need: data stages whose pairs it reads, the rm stage that
-    scores its rows."""
-    scorer = stage.data.score.by
+    """The earlier stages a stage's rows need: data stages whose pairs it reads, the rm stage (or
+    the model a likelihood scorer reads) that scores its rows."""
+    score = stage.data.score
+    scorer = score.model if score.by in LIKELIHOOD_SCORERS else score.by
     return produced_by(stage) + ([scorer] if scorer in cfg.stages else [])
 
 
-def stage_scorer(cfg: Config, name: str, stage: StageConfig, tokenizer, reward_models: dict[str, str]):
-    """What scores the stage's rows (`data.score.by`), or None."""
-    spec = stage.data.score.by
-    if spec is None:
+def scored_by_a_model(stage: StageConfig, cfg: Config) -> bool:
+    """Its rows are scored by a model (an rm stage's, or a likelihood): checked up front, unscored,
+    and scored when the chain reaches the stage, after the base model's evaluation."""
+    return stage.data.score.by in cfg.stages or stage.data.score.by in LIKELIHOOD_SCORERS
+
+
+def stage_scorer(cfg: Config, name: str, stage: StageConfig, tokenizer, done: dict[str, Artifact]):
+    """What scores the stage's rows (`data.score.by`), or None; `done`: the stages finished so far
+    (and `base`)."""
+    score = stage.data.score
+    if score.by is None:
         return None
     key = f"{name}.data.score.by"
-    identity = stage_cache.reward_identity(spec, key, stage_cache.stage_keys(cfg))
-    reward = rewards.load_reward(spec, key, reward_models, cfg.model, tokenizer)
-    return Scorer(spec, artifacts.hash_json(identity), reward, cfg.run.cache_path / "scores")
+    identity = stage_cache.score_identity(score, key, stage_cache.stage_keys(cfg))
+    if score.by in LIKELIHOOD_SCORERS:
+        reward = LikelihoodScorer(score.by, done[score.model].folder, cfg.model, tokenizer)
+    else:
+        reward_models = {n: a.folder for n, a in done.items() if n in cfg.stages and is_reward_model(cfg.stages[n])}
+        reward = rewards.load_reward(score.by, key, reward_models, cfg.model, tokenizer)
+    return Scorer(score.by, artifacts.hash_json(identity), reward, cfg.run.cache_path / "scores")
 
 
-def load_data(
-    cfg: Config, name: str, stage: StageConfig, tokenizer, folders: dict[str, Path], reward_models=None
-) -> StageData:
+def is_reward_model(stage: StageConfig) -> bool:
+    return STAGES[stage.method].model_kind == "reward"
+
+
+def load_data(cfg: Config, name: str, stage: StageConfig, tokenizer, folders: dict[str, Path], done=None) -> StageData:
     source_folder = builtin_folder(cfg) if _uses_builtin(cfg) else Path()
     kind = STAGES[stage.method].data_kind
     rows = max_steps_rows(stage, planned_world_size(cfg.launcher))
     try:
         data = with_stage_folders(stage.data, folders)
-        scorer = stage_scorer(cfg, name, stage, tokenizer, reward_models or {})
+        scorer = stage_scorer(cfg, name, stage, tokenizer, done or {})
         return load_stage_data(data, kind, source_folder, cfg.run.seed, tokenizer, stage.max_length, rows, scorer)
     except DataError as e:
         raise DataError(f"{name}.data: {e}") from None
@@ -121,20 +137,22 @@ def load_all_data(cfg: Config, tokenizer) -> dict[str, StageData]:
     for name, stage in cfg.stages.items():
         if produced_by(stage):
             continue
-        if waits_for(stage, cfg):  # scored by an rm stage of the chain: checked now, scored later
+        if scored_by_a_model(stage, cfg):  # checked now, scored later
             stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, score=ScoreConfig()))
         data[name] = load_data(cfg, name, stage, tokenizer, {})
-    report_data(cfg, {name: d for name, d in data.items() if not waits_for(cfg.stages[name], cfg)})
+    report_data(cfg, {name: d for name, d in data.items() if not loads_later(cfg.stages[name], cfg)})
     return data
 
 
-def load_later(
-    cfg: Config, name: str, stage: StageConfig, tokenizer, done: dict[str, Artifact], reward_models: dict[str, str]
-) -> StageData:
-    """The rows of a stage that needs earlier stages (`waits_for`), now that they are done."""
+def loads_later(stage: StageConfig, cfg: Config) -> bool:
+    return bool(waits_for(stage, cfg)) or scored_by_a_model(stage, cfg)
+
+
+def load_later(cfg: Config, name: str, stage: StageConfig, tokenizer, done: dict[str, Artifact]) -> StageData:
+    """The rows of a stage that needs earlier stages or a model (`loads_later`), now that they are done."""
     folders = {producer: Path(done[producer].folder) for producer in produced_by(stage)}
     with main_first():
-        loaded = load_data(cfg, name, stage, tokenizer, folders, reward_models)
+        loaded = load_data(cfg, name, stage, tokenizer, folders, done)
     report_data(cfg, {name: loaded})
     return loaded
 
@@ -302,9 +320,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             guard.check(f"before stage {name}")
             parent = previous if stage.init_from == "previous" else done[stage.init_from]
             reference = done[stage.reference] if stage.reference else None
-            if waits_for(stage, cfg):
+            if loads_later(stage, cfg):
                 with guard.interruptible(f"loading stage {name}'s data"):
-                    data[name] = load_later(cfg, name, stage, tokenizer, done, reward_models)
+                    data[name] = load_later(cfg, name, stage, tokenizer, done)
                 guard.check(f"after loading stage {name}'s data")
             fingerprint = stage_cache.data_fingerprint(stage.data, cfg.data.builtin, keys)
             run = StageRun(name, stage, keys[name], parent, data[name], out / name, fingerprint, reference=reference)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from posttrain import artifacts, checkpoints, hub, memory
 from posttrain.config import (
+    LIKELIHOOD_SCORERS,
     STAGE_PREFIX,
     Config,
     DataConfig,
@@ -25,6 +26,7 @@ from posttrain.config import (
     ModelConfig,
     PeftConfig,
     RunConfig,
+    ScoreConfig,
     StageConfig,
     SweepConfig,
     build,
@@ -51,6 +53,23 @@ from posttrain.stages.base import check_trainer_args
 # the built-in data (and a data stage's pairs): which stage kinds it fits
 BUILTIN_KINDS = {"builtin:sft": ("sft", "prompt"), "builtin:preference": ("preference", "unpaired", "prompt")}
 PAIRS_KINDS = ("preference", "unpaired")
+
+
+def _check_scorer(
+    name: str, score: ScoreConfig, earlier: list[str], reward_models: set[str], data_stages: set[str]
+) -> None:
+    """`data.score.by` names a reward source, or a likelihood scorer whose `model` is the base or an
+    earlier causal-LM stage."""
+    key = f"{name}.data.score"
+    if score.by in LIKELIHOOD_SCORERS:
+        allowed = [s for s in earlier if s not in reward_models and s not in data_stages]
+        require(
+            score.model in allowed,
+            f"{key}.model",
+            f"{score.model!r} is not a causal LM before {name!r}; allowed: {', '.join(allowed)}",
+        )
+    elif score.by is not None:
+        check_reward_spec(score.by, f"{key}.by", [s for s in earlier if s in reward_models])
 
 
 def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
@@ -93,8 +112,7 @@ def check_chain(stages: dict[str, StageConfig], peft: PeftConfig) -> None:
             require(stage.eval.judge is None, f"{name}.eval.judge", "a reward model does not generate; set null")
             bound = stage.gate.min_exact_match
             require(bound is None, f"{name}.gate.min_exact_match", "a reward model does not generate; set null")
-        if stage.data.score.by is not None:
-            check_reward_spec(stage.data.score.by, f"{name}.data.score.by", [s for s in earlier if s in reward_models])
+        _check_scorer(name, stage.data.score, earlier, reward_models, data_stages)
         _check_data_fits(name, stage, spec.data_kind)
         _check_stage_sources(name, stage, spec.data_kind, [s for s in earlier if s in data_stages])
         if stage_peft(stage, peft) == "qlora":

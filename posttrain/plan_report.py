@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from posttrain import memory
 from posttrain.config import (
+    LIKELIHOOD_SCORERS,
     ArchitectureConfig,
     Config,
     DataSource,
@@ -35,7 +36,8 @@ def describe_data(data: DataSource) -> str:
     if score.by is not None:
         rule = [f"{n} {v:g}" for n, v in (("keep", score.keep), ("min_score", score.min_score)) if v is not None]
         balance = f", balanced by {score.balance}" if score.balance != "none" else ""
-        described += f" (scored by {score.by}: {', '.join(rule)}{balance})"
+        under = f" under {score.model}" if score.by in LIKELIHOOD_SCORERS else ""
+        described += f" (scored by {score.by}{under}: {', '.join(rule)}{balance})"
     return described
 
 

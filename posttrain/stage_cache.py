@@ -20,7 +20,17 @@ from typing import Any, Literal
 
 from posttrain import artifacts, checkpoints, rewards
 from posttrain.artifacts import file_digest, hash_json
-from posttrain.config import STAGE_PREFIX, Config, ConfigError, DataSource, ModelConfig, StageConfig, planned_world_size
+from posttrain.config import (
+    LIKELIHOOD_SCORERS,
+    STAGE_PREFIX,
+    Config,
+    ConfigError,
+    DataSource,
+    ModelConfig,
+    ScoreConfig,
+    StageConfig,
+    planned_world_size,
+)
 from posttrain.data.builtin import GENERATOR_VERSION, TaskSpec
 from posttrain.data.files import data_files
 from posttrain.stages import PLUGINS, STAGES, max_steps_rows
@@ -67,8 +77,8 @@ def data_fingerprint(src: DataSource, builtin: TaskSpec, keys: dict[str, str] | 
     split and revision (pin `revision` for a reproducible key).
     """
     content: dict[str, Any] = {"data": data_settings(src), "sources": []}
-    if src.score.by is not None:  # what decides the scores: a function's source, an rm stage's key
-        content["scorer"] = reward_identity(src.score.by, "data.score.by", keys or {})
+    if src.score.by is not None:  # what decides the scores: a function's source, a model's key
+        content["scorer"] = score_identity(src.score, "data.score.by", keys or {})
     for source in src.source_list():
         local = Path(source.path).expanduser()
         if source.path.startswith("builtin:"):
@@ -91,6 +101,8 @@ def data_settings(src: DataSource) -> dict[str, Any]:
     settings = dataclasses.asdict(src)
     if src.score.by is None:
         del settings["score"]
+    else:  # the scoring model is named by its key, in the scorer's identity
+        del settings["score"]["model"]
     return settings
 
 
@@ -171,6 +183,14 @@ def reward_identity(spec: str | list[str], key: str, keys: dict[str, str]) -> An
         return rewards.function_identity(spec, key)
     manifest = artifacts.read_manifest(Path(spec).expanduser()) or {}
     return {"reward_model": manifest.get("key", spec)}
+
+
+def score_identity(score: ScoreConfig, key: str, keys: dict[str, str]) -> Any:
+    """What decides a stage's row scores: a likelihood scorer and its model's key (the base's or an
+    earlier stage's), or the reward source's identity."""
+    if score.by in LIKELIHOOD_SCORERS:
+        return {"likelihood": score.by, "model": keys.get(score.model, score.model)}
+    return reward_identity(score.by, key, keys)
 
 
 def eval_key(stage: StageConfig, cfg: Config) -> str:

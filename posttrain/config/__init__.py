@@ -20,7 +20,7 @@ Everything is importable from here: `from posttrain.config import StageConfig, C
 from __future__ import annotations
 
 from posttrain.config.build import PACKAGE_PREFIX, STAGE_PREFIX, build, check_local_path, config_dir
-from posttrain.config.data import BALANCES, DataConfig, DataSource, ScoreConfig, SourceConfig
+from posttrain.config.data import BALANCES, LIKELIHOOD_SCORERS, DataConfig, DataSource, ScoreConfig, SourceConfig
 from posttrain.config.launcher import (
     LAUNCHERS,
     ZERO_STAGES,
@@ -63,6 +63,7 @@ __all__ = [
     "config_dir",
     "DataConfig",
     "BALANCES",
+    "LIKELIHOOD_SCORERS",
     "DataSource",
     "ScoreConfig",
     "SourceConfig",

@@ -58,6 +58,8 @@ class SourceConfig:
 
 # how score.balance groups rows: none, by source (a mixture's part) or by the rows' `task` field
 BALANCES = ("none", "source", "task")
+# scorers that read a model's own likelihood of each reply (posttrain/likelihood.py), where no reward exists
+LIKELIHOOD_SCORERS = ("loss", "ifd")
 
 
 @dataclass
@@ -65,7 +67,8 @@ class ScoreConfig:
     """Curation by score (posttrain/data/score.py): every train row scored, the best kept."""
 
     # the scorer, any reward source: builtin, builtin_partial, my_pkg.rewards:score, an earlier
-    # rm stage of the recipe, or a folder holding an rm artifact; null: no scoring
+    # rm stage of the recipe, or a folder holding an rm artifact; or the model's own signal: loss
+    # (the reply's log-likelihood per token) or ifd (instruction-following difficulty); null: no scoring
     by: str | None = None
     # rows kept: a count (1000) or a share (0.25) of the rows curation left; null: every row at
     # or above min_score
@@ -74,6 +77,8 @@ class ScoreConfig:
     min_score: float | None = None
     # the kept count is shared out in proportion to each group's rows: none, source, task
     balance: str = "none"
+    # the model whose likelihood loss and ifd read: base, or an earlier causal-LM stage of the recipe
+    model: str = "base"
 
     def validate(self, key: str) -> None:
         if self.by is None:
@@ -89,6 +94,11 @@ class ScoreConfig:
         require(keep is not None or self.min_score is not None, f"{key}.keep", "give keep or min_score (or both)")
         allowed = ", ".join(BALANCES)
         require(self.balance in BALANCES, f"{key}.balance", f"{self.balance!r} is not one of {allowed}")
+        require(
+            self.model == "base" or self.by in LIKELIHOOD_SCORERS,
+            f"{key}.model",
+            f"{self.model!r} is read only by a likelihood scorer ({', '.join(LIKELIHOOD_SCORERS)}); by is {self.by!r}",
+        )
 
 
 @dataclass
