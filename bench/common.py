@@ -61,7 +61,8 @@ def stage_trainer(cfg, name: str, model_dir: Path, rows: list[dict], out: Path, 
 
     from posttrain import models
     from posttrain.rewards import load_rewards
-    from posttrain.stage_run import trained_dtype, use_stage_optimizer
+    from posttrain.stage_model import trained_dtype
+    from posttrain.stage_run import use_stage_optimizer
     from posttrain.stages import STAGES
     from posttrain.stages.base import TrainerInputs, training_args
 

@@ -177,7 +177,7 @@ def raw_loop(model_dir: Path, batches: list, checkpointing: bool, args, cfg) -> 
     from transformers import AutoModelForCausalLM
 
     from posttrain import models, optim
-    from posttrain.stage_run import trained_dtype
+    from posttrain.stage_model import trained_dtype
 
     stage = cfg.stages["sft"]
     dtype, compute = trained_dtype(stage, cfg), models.compute_dtype(cfg.model.dtype)

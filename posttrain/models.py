@@ -181,7 +181,7 @@ def load_model(
     """A causal LM, or (kind `reward`) the same weights under a scalar sequence-classification head
     (a new head when `source` is a causal LM); `quantize_4bit`: NF4 weights for QLoRA (CUDA only);
     `dtype`: the weights' dtype (default: model.dtype's for weights no trainer updates; a trained
-    policy's is stage_run.trained_dtype)."""
+    policy's is stage_model.trained_dtype)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = dict(

@@ -36,6 +36,8 @@ def describe_data(data: DataSource) -> str:
     if score.by is not None:
         rule = [f"{n} {v:g}" for n, v in (("keep", score.keep), ("min_score", score.min_score)) if v is not None]
         balance = f", balanced by {score.balance}" if score.balance != "none" else ""
+        balance += f", {score.length_bins} length bins" if score.length_bins > 1 else ""
+        balance += f", drawn from the best {score.sample_from:g}" if score.sample_from is not None else ""
         under = f" under {score.model}" if score.by in LIKELIHOOD_SCORERS else ""
         described += f" (scored by {score.by}{under}: {', '.join(rule)}{balance})"
     return described

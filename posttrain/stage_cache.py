@@ -103,6 +103,9 @@ def data_settings(src: DataSource) -> dict[str, Any]:
         del settings["score"]
     else:  # the scoring model is named by its key, in the scorer's identity
         del settings["score"]["model"]
+        for name, off in (("length_bins", 1), ("sample_from", None)):
+            if settings["score"][name] == off:  # keys from before these settings existed stay the same
+                del settings["score"][name]
     return settings
 
 

@@ -21,8 +21,8 @@ def test_help_lists_groups_and_recipes():
     assert "align: cpo, dpo, grpo, ipo, kto, none, orpo, rm, simpo" in proc.stdout
     assert "pairs: onpolicy" in proc.stdout
     recipes = (
-        "qwen2_5_0_5b_sft_orpo, smollm2_rm_sft_dpo, smollm2_sft, smollm2_sft_dpo, smollm2_sft_grpo, tiny_sft_dpo, "
-        "tiny_sft_grpo, tiny_sft_onpolicy_dpo, tiny_sft_orpo, zephyr_sft_dpo"
+        "qwen2_5_0_5b_sft_orpo, smollm2_rm_sft_dpo, smollm2_self_curated_sft, smollm2_sft, smollm2_sft_dpo, "
+        "smollm2_sft_grpo, tiny_sft_dpo, tiny_sft_grpo, tiny_sft_onpolicy_dpo, tiny_sft_orpo, zephyr_sft_dpo"
     )
     assert f"recipe: {recipes}" in proc.stdout
 

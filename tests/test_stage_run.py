@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from posttrain import artifacts, stage_run
+from posttrain import artifacts, stage_model, stage_run
 from posttrain.artifacts import Artifact, ArtifactError
 from posttrain.data.load import StageData
 from posttrain.plan import load_config
@@ -95,13 +95,13 @@ def test_the_reference_is_the_parent_unless_pinned(tmp_path):
 
 def test_only_plain_full_fine_tuning_trains_the_loaded_weights(tmp_path):
     cfg = config(tmp_path)
-    assert stage_run.trains_loaded_weights(cfg.stages["sft"], cfg)
-    assert not stage_run.trains_loaded_weights(dataclasses.replace(cfg.stages["sft"], peft="lora"), cfg)
-    assert not stage_run.trains_loaded_weights(cfg.stages["sft"], config(tmp_path, "peft=lora"))
-    assert not stage_run.trains_loaded_weights(cfg.stages["sft"], config(tmp_path, "deepspeed=zero2"))
+    assert stage_model.trains_loaded_weights(cfg.stages["sft"], cfg)
+    assert not stage_model.trains_loaded_weights(dataclasses.replace(cfg.stages["sft"], peft="lora"), cfg)
+    assert not stage_model.trains_loaded_weights(cfg.stages["sft"], config(tmp_path, "peft=lora"))
+    assert not stage_model.trains_loaded_weights(cfg.stages["sft"], config(tmp_path, "deepspeed=zero2"))
     # a stage's own `peft: none` overrides the group's lora
     lora = config(tmp_path, "peft=lora")
-    assert stage_run.trains_loaded_weights(dataclasses.replace(lora.stages["sft"], peft="none"), lora)
+    assert stage_model.trains_loaded_weights(dataclasses.replace(lora.stages["sft"], peft="none"), lora)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_saved_dtype(tmp_path, overrides, expected):
     import torch
 
     cfg = config(tmp_path, *overrides)
-    assert stage_run.saved_dtype(cfg.stages["sft"], cfg) == (getattr(torch, expected) if expected else None)
+    assert stage_model.saved_dtype(cfg.stages["sft"], cfg) == (getattr(torch, expected) if expected else None)
 
 
 def test_auto_dtype_saves_bf16_on_a_bf16_gpu_and_as_trained_on_a_cpu(tmp_path, monkeypatch):
@@ -126,10 +126,10 @@ def test_auto_dtype_saves_bf16_on_a_bf16_gpu_and_as_trained_on_a_cpu(tmp_path, m
 
     cfg = config(tmp_path)  # model.dtype=auto
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert stage_run.saved_dtype(cfg.stages["sft"], cfg) is None
+    assert stage_model.saved_dtype(cfg.stages["sft"], cfg) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert stage_run.saved_dtype(cfg.stages["sft"], cfg) == torch.bfloat16
+    assert stage_model.saved_dtype(cfg.stages["sft"], cfg) == torch.bfloat16
 
 
 def result(global_step: int, training_loss: float):
@@ -275,7 +275,7 @@ def test_a_failed_save_is_one_artifact_error(tmp_path):
     cfg = config(tmp_path)
     run = make_run(cfg)
     with pytest.raises(ArtifactError) as raised:
-        stage_run.save_model(run, FullDisk(), tokenizer=None)
+        stage_model.save_model(run, FullDisk(), tokenizer=None)
     message = str(raised.value)
     assert "saving stage sft" in message and str(run.folder) in message
     assert "No space left on device" in message and "not marked complete" in message

@@ -77,6 +77,13 @@ class ScoreConfig:
     min_score: float | None = None
     # the kept count is shared out in proportion to each group's rows: none, source, task
     balance: str = "none"
+    # the kept count is also shared out evenly over this many bins of row length within each
+    # group (1: none), so the kept rows span the data's lengths: a reward model or a likelihood
+    # favours some lengths
+    length_bins: int = 1
+    # draw the kept count at random from this best share of each group's rows (0.5: the better
+    # half) instead of taking the very best, which are also a scorer's easiest; null: the best
+    sample_from: float | None = None
     # the model whose likelihood loss and ifd read: base, or an earlier causal-LM stage of the recipe
     model: str = "base"
 
@@ -94,6 +101,10 @@ class ScoreConfig:
         require(keep is not None or self.min_score is not None, f"{key}.keep", "give keep or min_score (or both)")
         allowed = ", ".join(BALANCES)
         require(self.balance in BALANCES, f"{key}.balance", f"{self.balance!r} is not one of {allowed}")
+        require(self.length_bins >= 1, f"{key}.length_bins", f"{self.length_bins} must be 1 (none) or more bins")
+        share = self.sample_from
+        require(share is None or 0 < share <= 1, f"{key}.sample_from", f"{share} must be a share in (0, 1]")
+        require(share is None or keep is not None, f"{key}.sample_from", "draws keep rows: give keep")
         require(
             self.model == "base" or self.by in LIKELIHOOD_SCORERS,
             f"{key}.model",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +164,11 @@ def select(scores: list[float], groups: list[str], settings: ScoreConfig, seed: 
     tiebreak = [rng.random() for _ in range(n)]
     ranked = sorted(eligible, key=lambda i: (-scores[i], tiebreak[i]))
     count = kept_count(settings.keep, n)
+    if count is not None and settings.sample_from is not None:
+        ranked = _drawn_from_best(ranked, groups, settings.sample_from, rng)
     if count is None or count >= len(ranked):
         chosen = ranked
-    elif settings.balance == "none":
+    elif settings.balance == "none" and settings.length_bins == 1:
         chosen = ranked[:count]
     else:
         chosen = _balanced(ranked, groups, count)
@@ -180,6 +183,34 @@ def kept_count(keep: float | None, rows: int) -> int | None:
     if keep is None:
         return None
     return round(keep * rows) if keep < 1 else int(keep)
+
+
+def _drawn_from_best(ranked: list[int], groups: list[str], share: float, rng: random.Random) -> list[int]:
+    """`ranked` with each group's best `share` of rows first, in a seeded random order, then the rest
+    as ranked (taken only where a group's quota outgrows its share)."""
+    sizes = Counter(groups[i] for i in ranked)
+    seen: Counter[str] = Counter()
+    best, rest = [], []
+    for i in ranked:
+        seen[groups[i]] += 1
+        (best if seen[groups[i]] <= math.ceil(share * sizes[groups[i]]) else rest).append(i)
+    rng.shuffle(best)
+    return best + rest
+
+
+def length_bins(groups: list[str], lengths: list[int], bins: int) -> list[str]:
+    """Each row's group refined by its length bin: `bins` bins of equal row counts within each group,
+    shortest first (`group|0` ... `group|bins-1`)."""
+    if bins == 1:
+        return groups
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    refined = list(groups)
+    for g, rows in members.items():
+        for rank, i in enumerate(sorted(rows, key=lambda i: lengths[i])):
+            refined[i] = f"{g}|{rank * bins // len(rows)}"
+    return refined
 
 
 def _balanced(ranked: list[int], groups: list[str], count: int) -> list[int]:
@@ -231,6 +262,8 @@ def score_report(
         "keep": settings.keep,
         "min_score": settings.min_score,
         "balance": settings.balance,
+        "length_bins": settings.length_bins,
+        "sample_from": settings.sample_from,
         "scored": len(scores),
         "kept": sum(kept),
         "mean_score": round(sum(scores) / len(scores), 4),
@@ -267,7 +300,10 @@ def keep_best(parts: list[Part], settings: ScoreConfig, scorer: Scorer, seed: in
                     raise DataError(f"{part.label}: row {i}: score.balance: task needs a 'task' field in every row")
     scores = [value for part in parts for value in score_rows(part.train, scorer, part.label)]
     groups = [str(row.get("task")) for row in rows] if settings.balance == "task" else sources
-    kept = select(scores, groups, settings, seed)
+    if settings.balance == "none":
+        groups = ["all"] * len(rows)
+    lengths = [len(prompt) + sum(map(len, answers)) for prompt, answers in map(replies, rows)]
+    kept = select(scores, length_bins(groups, lengths, settings.length_bins), settings, seed)
     report = score_report(scores, kept, rows, sources, settings) if rows else {}
     report.update(computed=scorer.computed, from_cache=scorer.reused)
     at = 0

@@ -50,9 +50,14 @@ def format_scores(scored: dict[str, Any]) -> str:
     """Curation by score: the rule, the kept share per source and task, the histogram, and the
     lowest-scored kept rows beside the highest-scored dropped ones."""
     rule = ", ".join(f"{k} {scored[k]:g}" for k in ("keep", "min_score") if scored[k] is not None)
+    rule += f", balance {scored['balance']}"
+    if scored.get("length_bins", 1) > 1:
+        rule += f", {scored['length_bins']} length bins"
+    if scored.get("sample_from") is not None:
+        rule += f", drawn from the best {scored['sample_from']:g}"
     lines = [
-        f"scored by {scored['by']}: kept {scored['kept']} of {scored['scored']} rows ({rule}, balance "
-        f"{scored['balance']}); mean score {scored['mean_score']}, kept {scored['mean_kept_score']}; "
+        f"scored by {scored['by']}: kept {scored['kept']} of {scored['scored']} rows ({rule}); "
+        f"mean score {scored['mean_score']}, kept {scored['mean_kept_score']}; "
         f"{scored['computed']} distinct rows scored, {scored['from_cache']} read from the cache"
     ]
     groups = [("source", name, g) for name, g in scored["per_source"].items()]

@@ -8,7 +8,7 @@ import pytest
 from posttrain.config import ConfigError, ScoreConfig
 from posttrain.data.formats import DataError
 from posttrain.data.mixture import Part
-from posttrain.data.score import Scorer, keep_best, kept_count, score_rows, select
+from posttrain.data.score import Scorer, keep_best, kept_count, length_bins, score_rows, select
 from posttrain.rewards import Reward, builtin_reward
 
 
@@ -64,6 +64,36 @@ def test_balance_keeps_each_groups_share_of_the_count():
     short = select(low_c, groups, rule(keep=20, min_score=0.0, balance="task"), seed=0)
     counts = {g: sum(1 for i in kept_rows(short) if groups[i] == g) for g in "abc"}
     assert sum(counts.values()) == 20 and counts["c"] == 0 and counts["b"] == 6
+
+
+def test_length_bins_keep_each_bins_share_so_the_kept_rows_span_the_lengths():
+    # a scorer that favours long rows: unbinned, the 20 kept are the 20 longest
+    lengths = list(range(100))
+    scores = [length / 100 for length in lengths]
+    groups = length_bins(["a"] * 100, lengths, 4)
+    assert groups[:3] == ["a|0"] * 3 and groups[-1] == "a|3"
+    assert kept_rows(select(scores, ["a"] * 100, rule(keep=20), seed=0)) == list(range(80, 100))
+    # four bins of 25 rows: 5 from each, each bin's best (its longest)
+    binned = kept_rows(select(scores, groups, rule(keep=20, length_bins=4), seed=0))
+    assert binned == [*range(20, 25), *range(45, 50), *range(70, 75), *range(95, 100)]
+    # within each group: two tasks, each split into its own bins
+    tasks = ["x", "y"] * 50
+    assert sorted(set(length_bins(tasks, lengths, 2))) == ["x|0", "x|1", "y|0", "y|1"]
+    assert length_bins(tasks, lengths, 1) == tasks
+
+
+def test_sample_from_draws_the_count_at_random_from_each_groups_best_share():
+    scores = [i / 100 for i in range(100)]
+    groups = ["a"] * 100
+    drawn = kept_rows(select(scores, groups, rule(keep=10, sample_from=0.5), seed=0))
+    assert len(drawn) == 10 and all(i >= 50 for i in drawn), "only from the better half"
+    assert drawn != list(range(90, 100)), "not the very best"
+    assert drawn == kept_rows(select(scores, groups, rule(keep=10, sample_from=0.5), seed=0)), "seeded"
+    # per group: task b's better half, though all of a's rows score higher
+    two = ["a"] * 50 + ["b"] * 50
+    skewed = [1 + i / 100 for i in range(50)] + [i / 100 for i in range(50)]
+    balanced = kept_rows(select(skewed, two, rule(keep=10, sample_from=0.5, balance="task"), seed=0))
+    assert sum(i >= 50 for i in balanced) == 5 and all(i >= 75 or 25 <= i < 50 for i in balanced)
 
 
 def test_keep_best_over_sources_reports_what_each_kept_and_balances_by_source(tmp_path):
@@ -156,6 +186,10 @@ def test_a_scorer_that_fails_or_returns_a_non_number_is_one_error_naming_the_row
         ({"by": "builtin", "keep": 1.5}, "data.sft.score.keep: 1.5 is not a whole count"),
         ({"by": "builtin", "keep": 0}, "data.sft.score.keep: 0 must be a row count (>= 1) or a share in (0, 1)"),
         ({"by": "builtin", "keep": 10, "balance": "topic"}, "data.sft.score.balance: 'topic' is not one of none"),
+        ({"by": "builtin", "keep": 10, "length_bins": 0}, "data.sft.score.length_bins: 0 must be 1 (none) or more"),
+        ({"by": "builtin", "keep": 10, "sample_from": 1.5}, "data.sft.score.sample_from: 1.5 must be a share"),
+        ({"by": "builtin", "min_score": 1, "sample_from": 0.5}, "data.sft.score.sample_from: draws keep rows"),
+        ({"by": "builtin", "keep": 10, "model": "sft"}, "data.sft.score.model: 'sft' is read only by a likelihood"),
     ],
 )
 def test_score_settings_are_checked(fields, message):

@@ -1,6 +1,7 @@
 """Curation by score through the pipeline (issue 32) on the tiny model: the built-in checker keeps
 the right replies of noisy SFT data, an `rm` stage of the same recipe scores the SFT rows of the
-chain `rm -> sft`, and scores are read back from the cache."""
+chain `rm -> sft`, a probe stage's likelihood scores them in `probe -> sft`, balance holds per
+source of a mixture, and scores are read back from the cache."""
 
 from __future__ import annotations
 
@@ -26,6 +27,25 @@ RM_FIRST = [
     "sft.max_steps=2",
     "data.builtin.sft_noise=0.4",
     "data.sft.score.by=rm",
+    "data.sft.score.keep=0.5",
+]
+
+
+# the model's own signal: a probe SFT on every (noisy) row, then sft from the base on the rows whose
+# replies the probe finds most likely
+PROBE_FIRST = [
+    "+sft@probe=default",
+    "run.stages=[probe,sft]",
+    "probe.data={path: builtin:sft}",
+    "probe.max_steps=30",
+    "probe.per_device_train_batch_size=16",
+    "probe.learning_rate=3e-3",
+    "probe.eval.num_prompts=16",
+    "sft.init_from=base",
+    "sft.max_steps=2",
+    "data.builtin.sft_noise=0.4",
+    "data.sft.score.by=loss",
+    "data.sft.score.model=probe",
     "data.sft.score.keep=0.5",
 ]
 
@@ -117,3 +137,62 @@ def test_the_plan_says_how_each_stage_scores_its_rows(tmp_path, cache_dir):
     text = plan_text(cfg, stage_keys(cfg))
     assert "data builtin:sft [train] (scored by builtin: keep 0.25, balanced by task)" in text
     assert "data builtin:preference [train], lr" in text, "the unscored stage says nothing more"
+
+
+def test_a_probe_stages_likelihood_scores_the_sft_rows_of_its_chain(tmp_path, cache_dir):
+    from posttrain import models
+    from posttrain.likelihood import LikelihoodScorer
+
+    cfg = _config(tmp_path, cache_dir, *PROBE_FIRST)
+    run_pipeline(cfg)
+    scored = _report(tmp_path / "run")["score"]
+    assert scored["by"] == "loss" and scored["scored"] == 256 and scored["kept"] == 128
+    assert scored["computed"] == 256 and scored["mean_kept_score"] > scored["mean_score"]
+    # the scores are the probe's own: the lowest kept row scored again under the saved probe
+    lowest = scored["lowest_kept"][0]
+    tokenizer = models.load_tokenizer(str(tmp_path / "run" / "probe"), cfg.model)
+    again = LikelihoodScorer("loss", str(tmp_path / "run" / "probe"), cfg.model, tokenizer)
+    assert abs(again([lowest["prompt"]], [lowest["reply"]])[0] - lowest["score"]) < 1e-3
+    # another probe, other scores, another sft; the same probe again: every score from the cache
+    other = run_pipeline(_config(tmp_path, cache_dir, *PROBE_FIRST, "probe.learning_rate=1e-3", out="other"))
+    assert other["stages"]["sft"]["status"] == "trained"
+    assert _report(tmp_path / "other")["score"]["computed"] == 256
+    same = run_pipeline(_config(tmp_path, cache_dir, *PROBE_FIRST, "data.sft.score.keep=0.25", out="same"))
+    assert same["stages"]["probe"]["status"] == "reused"
+    assert _report(tmp_path / "same")["score"]["from_cache"] == 256
+
+
+def test_a_likelihood_scorers_model_must_be_an_earlier_causal_lm(tmp_path, cache_dir):
+    with pytest.raises(
+        ConfigError, match=r"^sft.data.score.model: 'probe' is not a causal LM before 'sft'; allowed: base$"
+    ):  # noqa: E501
+        _config(tmp_path, cache_dir, *PROBE_FIRST, "run.stages=[sft,probe]")
+    with pytest.raises(
+        ConfigError, match=r"^sft.data.score.model: 'rm' is not a causal LM before 'sft'; allowed: base$"
+    ):  # noqa: E501
+        _config(tmp_path, cache_dir, *RM_FIRST, "data.sft.score.by=loss", "data.sft.score.model=rm")
+    with pytest.raises(ConfigError, match=r"^data.sft.score.model: 'probe' is read only by a likelihood scorer"):
+        _config(tmp_path, cache_dir, *PROBE_FIRST, "data.sft.score.by=builtin")
+
+
+def test_balance_by_source_keeps_each_sources_share_of_a_mixture(tmp_path, cache_dir):
+    """Two files, one all right and three times as big, one all wrong: unbalanced, the checker keeps
+    only the right file's rows; balanced by source, each file keeps its share of the count."""
+    right, wrong = tmp_path / "right.jsonl", tmp_path / "wrong.jsonl"
+    right.write_text("".join(_row(f"What is {a} + 1?", str(a + 1)) for a in range(90)))
+    wrong.write_text("".join(_row(f"What is {a} + 2?", str(a + 5)) for a in range(30)))
+    sources = f"+data.sft.sources=[{{path: {right}}}, {{path: {wrong}}}]"
+    mixed = [*NOISY, "data.sft.path=null", sources, "data.sft.score.by=builtin", "data.sft.score.keep=40"]
+    run_pipeline(_config(tmp_path, cache_dir, *mixed))
+    unbalanced = _report(tmp_path / "run")["score"]["per_source"]
+    assert [g["kept"] for g in unbalanced.values()] == [40, 0]
+    run_pipeline(_config(tmp_path, cache_dir, *mixed, "data.sft.score.balance=source", out="balanced"))
+    balanced = _report(tmp_path / "balanced")["score"]
+    sizes = [g["scored"] for g in balanced["per_source"].values()]
+    assert [g["kept"] for g in balanced["per_source"].values()] == [round(40 * n / sum(sizes)) for n in sizes]
+    assert balanced["from_cache"] == balanced["scored"], "the same rows and scorer: scored once"
+
+
+def _row(prompt: str, reply: str) -> str:
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    return json.dumps({"messages": turns}) + "\n"

@@ -117,8 +117,8 @@ BAD = [
     (
         ["model.path=/tmp"],
         "model.path: /tmp is not the built-in tiny model, but recipe tiny_sft_dpo's learning rates and epochs are "
-        "tuned for it; use a recipe for pretrained models (qwen2_5_0_5b_sft_orpo, smollm2_rm_sft_dpo, smollm2_sft, "
-        "smollm2_sft_dpo, smollm2_sft_grpo, zephyr_sft_dpo)",
+        "tuned for it; use a recipe for pretrained models (qwen2_5_0_5b_sft_orpo, smollm2_rm_sft_dpo, "
+        "smollm2_self_curated_sft, smollm2_sft, smollm2_sft_dpo, smollm2_sft_grpo, zephyr_sft_dpo)",
     ),
     (["recipe=smollm2_sft_dpo", "model=tiny"], "recipe smollm2_sft_dpo is tuned for pretrained models; use one of"),
     (["run.tuned_for=small"], "run.tuned_for: 'small' is not one of tiny, pretrained, null"),

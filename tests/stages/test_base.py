@@ -47,7 +47,7 @@ def test_fp32_master_weights_are_evaluated_and_saved_in_the_compute_dtype(monkey
     from posttrain import models
     from posttrain.pipeline import run_pipeline
     from posttrain.plan import load_config
-    from posttrain.stage_run import saved_dtype
+    from posttrain.stage_model import saved_dtype
     from tests.conftest import compose_tree
 
     on_gpu = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
