@@ -163,15 +163,12 @@ def test_a_probe_stages_likelihood_scores_the_sft_rows_of_its_chain(tmp_path, ca
 
 
 def test_a_likelihood_scorers_model_must_be_an_earlier_causal_lm(tmp_path, cache_dir):
-    with pytest.raises(
-        ConfigError, match=r"^sft.data.score.model: 'probe' is not a causal LM before 'sft'; allowed: base$"
-    ):  # noqa: E501
+    not_before = r"^sft.data.score.model: '{}' is not a causal LM before 'sft'; allowed: base$"
+    with pytest.raises(ConfigError, match=not_before.format("probe")):
         _config(tmp_path, cache_dir, *PROBE_FIRST, "run.stages=[sft,probe]")
-    with pytest.raises(
-        ConfigError, match=r"^sft.data.score.model: 'rm' is not a causal LM before 'sft'; allowed: base$"
-    ):  # noqa: E501
+    with pytest.raises(ConfigError, match=not_before.format("rm")):
         _config(tmp_path, cache_dir, *RM_FIRST, "data.sft.score.by=loss", "data.sft.score.model=rm")
-    with pytest.raises(ConfigError, match=r"^data.sft.score.model: 'probe' is read only by a likelihood scorer"):
+    with pytest.raises(ConfigError, match=r"^sft.data.score.model: 'probe' is read only by a likelihood scorer"):
         _config(tmp_path, cache_dir, *PROBE_FIRST, "data.sft.score.by=builtin")
 
 
