@@ -1,5 +1,6 @@
 """Every command the docs show in a block marked runnable (```bash { .runnable }) composes and
-plans: each runs as `posttrain ... plan=true`, from the repository's root, into a fresh run folder."""
+plans: each runs as `posttrain ... plan=true`, from the repository's root, into a fresh run folder.
+Under `-m docs` (one process each: ~40 s, kept out of the default run's 8 minutes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO, run_posttrain
 from tests.docs.helpers import runnable_commands
+
+pytestmark = pytest.mark.docs
 
 COMMANDS = runnable_commands()
 

@@ -42,6 +42,7 @@ if MISSING:
     pytest.skip("; ".join(MISSING), allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as seen  # noqa: E402
@@ -125,14 +126,15 @@ def test_search_finds_a_field_and_leads_to_its_reference_entry(site, browser):
     box.click()
     box.send_keys("max_steps")
     link = ".md-search-result__item a.md-search-result__link"
-    wait.until(
-        lambda d: any(
-            urlsplit(a.get_attribute("href")).fragment == "stage-max_steps"
-            for a in d.find_elements(By.CSS_SELECTOR, link)
-        )
-    )
-    results = browser.find_elements(By.CSS_SELECTOR, link)
-    where = [urlsplit(r.get_attribute("href")) for r in results]
+
+    def offered(driver):
+        """The results and their URLs once the entry is among them (the list is drawn again after
+        each key typed: a result read while it is replaced is read again)."""
+        results = driver.find_elements(By.CSS_SELECTOR, link)
+        where = [urlsplit(r.get_attribute("href")) for r in results]
+        return (results, where) if any(url.fragment == "stage-max_steps" for url in where) else False
+
+    results, where = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,)).until(offered)
     entry = [r for r, url in zip(results, where, strict=True) if url.fragment == "stage-max_steps"]
     assert entry[0].is_displayed() and where[results.index(entry[0])].path == "/reference/stages/"
     # the field's own entry is the first thing the search offers: the first page, its first section
