@@ -16,7 +16,7 @@ conversation with the chat template the stages train with, and score the reply's
 (its end-of-turn token included), as SFT's assistant-only loss counts them.
 
     scorer = LikelihoodScorer("loss", "/models/base", model_cfg, tokenizer)
-    scorer(["What is 2 + 3?"], ["5"])       # [-0.41]
+    scorer(["What is 2 + 3?"], ["5"])       # [minus the mean loss of the reply "5" and its end token]
 """
 
 from __future__ import annotations
