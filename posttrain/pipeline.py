@@ -107,9 +107,14 @@ def stage_scorer(cfg: Config, name: str, stage: StageConfig, tokenizer, done: di
     if score.by in LIKELIHOOD_SCORERS:
         reward = LikelihoodScorer(score.by, done[score.model].folder, cfg.model, tokenizer)
     else:
-        reward_models = {n: a.folder for n, a in done.items() if n in cfg.stages and is_reward_model(cfg.stages[n])}
-        reward = rewards.load_reward(score.by, key, reward_models, cfg.model, tokenizer)
+        reward = rewards.load_reward(score.by, key, reward_models(cfg, done), cfg.model, tokenizer)
     return Scorer(score.by, artifacts.hash_json(identity), reward, cfg.run.cache_path / "scores")
+
+
+def reward_models(cfg: Config, done: dict[str, Artifact]) -> dict[str, str]:
+    """The rm stages finished so far, name -> folder: the reward sources an online stage or a
+    scorer may name."""
+    return {name: a.folder for name, a in done.items() if name in cfg.stages and is_reward_model(cfg.stages[name])}
 
 
 def is_reward_model(stage: StageConfig) -> bool:
@@ -315,7 +320,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         gate_error = None
         done: dict[str, Artifact] = {"base": Artifact("base", base_source, keys["base"])}
         previous = done["base"]
-        reward_models: dict[str, str] = {}
         for name, stage in cfg.stages.items():
             guard.check(f"before stage {name}")
             parent = previous if stage.init_from == "previous" else done[stage.init_from]
@@ -326,7 +330,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
                 guard.check(f"after loading stage {name}'s data")
             fingerprint = stage_cache.data_fingerprint(stage.data, cfg.data.builtin, keys)
             run = StageRun(name, stage, keys[name], parent, data[name], out / name, fingerprint, reference=reference)
-            run.reward_models = dict(reward_models)
+            run.reward_models = reward_models(cfg, done)
             status, metrics, replies[name] = reuse_or_run(run, cfg, tokenizer, eval_rows, guard, timings)
             if stage.eval.judge:
                 metrics = {**metrics, **judged(name, stage, parent.name, replies)}
@@ -335,8 +339,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             model_kind = STAGES[stage.method].model_kind
             model = parent if model_kind == "none" else Artifact(name, str(run.folder), run.key)
             done[name] = previous = dataclasses.replace(model, folder=str(run.folder))
-            if model_kind == "reward":
-                reward_models[name] = str(run.folder)
             if missed := missed_gate(name, stage, metrics):
                 gate_error = f"{missed}; the chain stops after {name} (its model is complete in {run.folder})"
                 break

@@ -299,11 +299,16 @@ def keep_best(parts: list[Part], settings: ScoreConfig, scorer: Scorer, seed: in
                 if not row.get("task"):
                     raise DataError(f"{part.label}: row {i}: score.balance: task needs a 'task' field in every row")
     scores = [value for part in parts for value in score_rows(part.train, scorer, part.label)]
-    groups = [str(row.get("task")) for row in rows] if settings.balance == "task" else sources
-    if settings.balance == "none":
+    if settings.balance == "task":
+        groups = [str(row.get("task")) for row in rows]
+    elif settings.balance == "source":
+        groups = sources
+    else:
         groups = ["all"] * len(rows)
-    lengths = [len(prompt) + sum(map(len, answers)) for prompt, answers in map(replies, rows)]
-    kept = select(scores, length_bins(groups, lengths, settings.length_bins), settings, seed)
+    if settings.length_bins > 1:
+        lengths = [len(prompt) + sum(map(len, answers)) for prompt, answers in map(replies, rows)]
+        groups = length_bins(groups, lengths, settings.length_bins)
+    kept = select(scores, groups, settings, seed)
     report = score_report(scores, kept, rows, sources, settings) if rows else {}
     report.update(computed=scorer.computed, from_cache=scorer.reused)
     at = 0
