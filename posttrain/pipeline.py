@@ -105,7 +105,7 @@ def stage_scorer(cfg: Config, name: str, stage: StageConfig, tokenizer, done: di
     key = f"{name}.data.score.by"
     identity = stage_cache.score_identity(score, key, stage_cache.stage_keys(cfg))
     if score.by in LIKELIHOOD_SCORERS:
-        reward = LikelihoodScorer(score.by, done[score.model].folder, cfg.model, tokenizer)
+        reward = LikelihoodScorer(score.by, done[score.model].source, cfg.model, tokenizer)
     else:
         reward = rewards.load_reward(score.by, key, reward_models(cfg, done), cfg.model, tokenizer)
     return Scorer(score.by, artifacts.hash_json(identity), reward, cfg.run.cache_path / "scores")

@@ -162,6 +162,21 @@ def test_a_probe_stages_likelihood_scores_the_sft_rows_of_its_chain(tmp_path, ca
     assert _report(tmp_path / "same")["score"]["from_cache"] == 256
 
 
+def test_the_base_models_likelihood_scores_the_rows_of_the_first_stage(tmp_path, cache_dir):
+    """`score.model: base` (the default): the rows are scored under the base model, after its evaluation."""
+    from posttrain import models
+    from posttrain.likelihood import LikelihoodScorer
+
+    cfg = _config(tmp_path, cache_dir, *NOISY, "data.sft.score.by=loss", "data.sft.score.keep=0.5")
+    run_pipeline(cfg)
+    scored = _report(tmp_path / "run")["score"]
+    assert scored["by"] == "loss" and scored["scored"] == 256 and scored["kept"] == 128
+    base = models.base_model_source(cfg.model, cfg.run.cache_path)
+    lowest = scored["lowest_kept"][0]
+    again = LikelihoodScorer("loss", base, cfg.model, models.load_tokenizer(base, cfg.model))
+    assert abs(again([lowest["prompt"]], [lowest["reply"]])[0] - lowest["score"]) < 1e-3
+
+
 def test_a_likelihood_scorers_model_must_be_an_earlier_causal_lm(tmp_path, cache_dir):
     not_before = r"^sft.data.score.model: '{}' is not a causal LM before 'sft'; allowed: base$"
     with pytest.raises(ConfigError, match=not_before.format("probe")):
