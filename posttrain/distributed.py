@@ -69,6 +69,18 @@ def init_workers(cfg: Config) -> None:
     else:
         dist.init_process_group(backend, timeout=WAIT)
     _coordination = dist.new_group(backend="gloo", timeout=WAIT)
+    if cfg.deepspeed.stage is not None and not cuda:
+        barrier()  # every rank has mapped the others' all-reduce buffers
+        unlink_shm_buffer()
+
+
+def unlink_shm_buffer() -> None:
+    """Remove this rank's all-reduce buffer from /dev/shm once every rank has mapped it.
+    DeepSpeed's CPU backend creates it at `init_distributed` and never removes it: 64 MiB a rank
+    a run, left in the host's memory. Unlinked, the mappings stay valid and the memory is freed
+    when the processes end, a crash included."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}").unlink(missing_ok=True)
 
 
 def free_port() -> int:

@@ -44,6 +44,7 @@ COMMON = [
     "run.rank_logs=true",
     "run.reuse=false",
 ]
+SHM, SHM_BUFFERS = Path("/dev/shm"), "deepspeed_allreduce_buffer_*"
 # one process, batch 16 / two processes, batch 8 each: the same 16 rows per optimizer step
 # DPO alone: TRL's NLL term (RPO, the tuned default) is a token mean per rank, so two ranks weigh
 # their halves' tokens differently; how much depends on the rows (2.2e-4 on the first 64 pairs,
@@ -108,7 +109,10 @@ def single(tmp_path_factory, cache_dir) -> Path:
 def test_two_workers_train_like_one_process_on_the_same_global_batch(variant, single, tmp_path, cache_dir):
     from transformers import AutoModelForCausalLM
 
+    buffers_before = set(SHM.glob(SHM_BUFFERS))
     run = train(tmp_path, cache_dir, variant, [*VARIANTS[variant], *TWO, *DPO_ALONE])
+    # DeepSpeed's CPU all-reduce buffers (64 MiB a rank) are gone once the workers end
+    assert set(SHM.glob(SHM_BUFFERS)) <= buffers_before
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete"
     for stage in STAGES:
