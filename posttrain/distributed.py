@@ -41,6 +41,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def log(message: str) -> None:
+    """A progress line, printed once: by rank 0."""
+    if is_main():
+        print(f"[posttrain] {message}", flush=True)
+
+
 def distributed() -> bool:
     return world_size() > 1
 

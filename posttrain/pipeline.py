@@ -31,7 +31,7 @@ from posttrain.config import (
 from posttrain.data.builtin import write_tasks
 from posttrain.data.load import DataError, StageData, load_stage_data
 from posttrain.data.score import Scorer
-from posttrain.distributed import agree, is_main, main_first
+from posttrain.distributed import agree, is_main, log, main_first
 from posttrain.evaluate import evaluate_model, win_rate
 from posttrain.likelihood import LikelihoodScorer
 from posttrain.locks import FileLock
@@ -43,11 +43,6 @@ from posttrain.stages import STAGES, max_steps_rows
 
 if TYPE_CHECKING:
     from datasets import Dataset
-
-
-def log(message: str) -> None:
-    if is_main():
-        print(f"[posttrain] {message}", flush=True)
 
 
 # --- data -------------------------------------------------------------------------------
@@ -224,7 +219,7 @@ def check_chat_template(cfg: Config, tokenizer, source: str) -> None:
 def evaluate_base(cfg: Config, keys: dict[str, str], tokenizer, eval_rows, source: str):
     """Base-model metrics, cached per (base model, evaluation settings): a sweep evaluates it once."""
     first = next(iter(cfg.stages.values()))
-    name = stage_cache.hash_json([keys["base"], stage_cache.eval_key(first, cfg)])
+    name = stage_cache.hash_json([keys["base"], stage_cache.eval_key(first, cfg, eval_rows)])
     path = cfg.run.cache_path / "evals" / f"base-{name}.json"
     if cfg.run.reuse and (cached := artifacts.read_json(path)) is not None:
         log(f"base model metrics reused from {path}")
@@ -241,7 +236,7 @@ def reused_stage(run: StageRun, cfg: Config, tokenizer, eval_rows) -> tuple[dict
     manifest = artifacts.read_manifest(run.folder) or {}
     metrics, replies = dict(manifest.get("metrics", {})), manifest.get("replies", [])
     generates = STAGES[run.stage.method].model_kind == "causal_lm"
-    if generates and manifest.get("eval_key") != stage_cache.eval_key(run.stage, cfg):
+    if generates and manifest.get("eval_key") != stage_cache.eval_key(run.stage, cfg, eval_rows):
         if artifacts.awaits_evaluation(manifest):
             log(f"stage {run.name}: evaluating the saved model (its evaluation was stopped)")
         else:

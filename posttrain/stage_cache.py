@@ -196,10 +196,11 @@ def score_identity(score: ScoreConfig, key: str, keys: dict[str, str]) -> Any:
     return reward_identity(score.by, key, keys)
 
 
-def eval_key(stage: StageConfig, cfg: Config) -> str:
-    """What decides a stage's held-out numbers besides its weights: its eval settings and the data."""
-    data = [data_fingerprint(s.data, cfg.data.builtin) for s in cfg.stages.values()]
-    return hash_json({"eval": dataclasses.asdict(stage.eval), "data": data, "seed": cfg.run.seed})
+def eval_key(stage: StageConfig, cfg: Config, eval_rows) -> str:
+    """What decides a stage's held-out numbers besides its weights: its eval settings and the
+    held-out rows themselves (a change to any stage's curation or training rows leaves it alone)."""
+    rows = None if eval_rows is None else hash_json(eval_rows.to_list())
+    return hash_json({"eval": dataclasses.asdict(stage.eval), "rows": rows, "seed": cfg.run.seed})
 
 
 # --- the index --------------------------------------------------------------------------

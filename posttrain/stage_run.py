@@ -21,6 +21,7 @@ from posttrain.artifacts import Artifact
 from posttrain.config import Config, LoggerConfig, StageConfig, stage_peft
 from posttrain.data.load import StageData
 from posttrain.deepspeed_config import deepspeed_json, precision
+from posttrain.distributed import log
 from posttrain.evaluate import evaluate_model
 from posttrain.optim import BF16_OPTIMIZERS
 from posttrain.preemption import Preempted, PreemptionGuard
@@ -71,11 +72,6 @@ class StageRun:
     @property
     def reference_artifact(self) -> Artifact:
         return self.reference or self.parent
-
-
-def log(message: str) -> None:
-    if distributed.is_main():
-        print(f"[posttrain] {message}", flush=True)
 
 
 def trainer_eval_rows(run: StageRun):
@@ -393,7 +389,7 @@ def run_stage(
             timings[f"eval:{run.name}"] = time.time() - t
         del model
         gc.collect()
-        eval_key = stage_cache.eval_key(run.stage, cfg)
+        eval_key = stage_cache.eval_key(run.stage, cfg, eval_rows)
         artifacts.write_json_atomic(manifest_path, complete(run, cfg, attempts, metrics, eval_key, replies))
         guard.hand_over((metrics, replies))
         return metrics, replies, timings

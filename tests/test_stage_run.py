@@ -313,7 +313,7 @@ def test_a_stage_is_running_while_it_trains_and_complete_after(tmp_path, monkeyp
     assert {"train:sft", "eval:sft", "save:sft"} <= set(timings)
     manifest = artifacts.read_manifest(run.folder)
     assert manifest["status"] == "complete" and manifest["metrics"] == metrics
-    assert manifest["eval_key"] == eval_key(run.stage, cfg)
+    assert manifest["eval_key"] == eval_key(run.stage, cfg, None)
     assert manifest["files"] == {"metrics.jsonl": len('{"step": 2, "loss": 1.0}\n')}
     assert len(manifest["attempts"]) == 1 and manifest["attempts"][0]["finished"] >= manifest["attempts"][0]["started"]
     assert not (run.folder / "checkpoints").exists()  # the final model supersedes them

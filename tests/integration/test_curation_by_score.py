@@ -139,7 +139,7 @@ def test_the_plan_says_how_each_stage_scores_its_rows(tmp_path, cache_dir):
     assert "data builtin:preference [train], lr" in text, "the unscored stage says nothing more"
 
 
-def test_a_probe_stages_likelihood_scores_the_sft_rows_of_its_chain(tmp_path, cache_dir):
+def test_a_probe_stages_likelihood_scores_the_sft_rows_of_its_chain(tmp_path, cache_dir, capsys):
     from posttrain import models
     from posttrain.likelihood import LikelihoodScorer
 
@@ -157,9 +157,13 @@ def test_a_probe_stages_likelihood_scores_the_sft_rows_of_its_chain(tmp_path, ca
     other = run_pipeline(_config(tmp_path, cache_dir, *PROBE_FIRST, "probe.learning_rate=1e-3", out="other"))
     assert other["stages"]["sft"]["status"] == "trained"
     assert _report(tmp_path / "other")["score"]["computed"] == 256
+    capsys.readouterr()
     same = run_pipeline(_config(tmp_path, cache_dir, *PROBE_FIRST, "data.sft.score.keep=0.25", out="same"))
     assert same["stages"]["probe"]["status"] == "reused"
     assert _report(tmp_path / "same")["score"]["from_cache"] == 256
+    # another rule leaves the held-out rows alone: neither the base nor the probe is evaluated again
+    logged = capsys.readouterr().out
+    assert "base model metrics reused" in logged and "evaluating the reused model again" not in logged
 
 
 def test_the_base_models_likelihood_scores_the_rows_of_the_first_stage(tmp_path, cache_dir):
