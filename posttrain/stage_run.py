@@ -96,6 +96,8 @@ def train_stage(
     """Train one stage from its parent (or its checkpoint); return the trained, LoRA-merged model
     (None on ranks other than 0 under ZeRO-3) and the trainer's metrics, or (None, {"stopped": True})
     when a preemption signal stopped it at a checkpoint."""
+    from transformers import set_seed
+
     spec = STAGES[run.stage.method]
     args = training_args(STAGES[run.stage.method], run.stage, cfg, run.folder, run.parent.source)
     args |= tokenization_processes(spec, run.stage, len(run.data.train))
@@ -103,6 +105,9 @@ def train_stage(
     rss_before_model = distributed.memory_mark() if cfg.run.rank_logs else None
     # loading, tokenizing the rows and the reference log-prob pass (TRL runs both when it builds the trainer)
     with guard.interruptible(f"stage {run.name}: loading the model, tokenizing and the reference pass"):
+        # what is drawn at random (a new score head, a LoRA adapter) depends on the stage alone, not
+        # on what ran before it in this process: a reused or resumed chain gives the same weights
+        set_seed(cfg.run.seed)
         policy = build_policy(run, cfg, tokenizer)
         trainer = spec.make_trainer(
             TrainerInputs(

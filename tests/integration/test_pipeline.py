@@ -150,3 +150,27 @@ def test_lora_adapters_are_merged_into_plain_models(cache_dir, tmp_path):
         name = "model.layers.0.self_attn.q_proj.weight"
         assert not torch.equal(weights[name], _weights(parent)[name]), stage
         parent = out / stage
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_a_stage_starts_from_the_same_weights_whatever_ran_before_it_in_the_process(peft, cache_dir, tmp_path):
+    """An rm stage's new score head (and, under LoRA, its adapter) are drawn at random: trained after
+    an SFT in one process, or alone, the same key gives the same weights (a re-run that reuses
+    earlier stages, or a chain resumed before the stage's first checkpoint, equals one run)."""
+    from posttrain.pipeline import run_pipeline
+    from posttrain.plan import load_config
+    from tests.conftest import compose_tree
+
+    rm = ["+align@rm=rm", "rm.init_from=base", "rm.max_steps=2", "rm.eval.num_prompts=4", f"peft={peft}"]
+
+    def run(name: str, *overrides: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        tree = compose_tree([*FAST, *rm, *overrides, f"run.output_dir={out}", f"run.cache_dir={cache_dir}"])
+        assert run_pipeline(load_config(tree))["stages"]["rm"]["status"] == "trained"
+        return _weights(out / "rm")
+
+    after_sft = run("after-sft", "run.stages=[sft,rm]")
+    alone = run("alone", "run.stages=[rm]", "run.reuse=false")
+    assert after_sft.keys() == alone.keys() and any("score" in name for name in alone)
+    for name, weight in alone.items():
+        assert torch.equal(weight, after_sft[name]), name
